@@ -1,0 +1,653 @@
+import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile, type FileHandle } from "node:fs/promises";
+import { join } from "node:path";
+import type { RunnableConfig } from "@langchain/core/runnables";
+import {
+  BaseCheckpointSaver,
+  TASKS,
+  WRITES_IDX_MAP,
+  maxChannelVersion,
+  compareWritesSortKeys,
+  getCheckpointId,
+  writesSortKey,
+  type ChannelVersions,
+  type Checkpoint,
+  type CheckpointListOptions,
+  type CheckpointMetadata,
+  type CheckpointPendingWrite,
+  type CheckpointTuple,
+  type PendingWrite,
+  type SerializerProtocol,
+} from "@langchain/langgraph-checkpoint";
+import { CairnError } from "../errors.ts";
+import { JournalWriter, readRecord, scanLines, type RecordLocation } from "./journal.ts";
+import { decodeThreadDir, encodeThreadDir, stepFileName } from "./names.ts";
+
+/** The version of the on-disk format this code writes. Readers refuse newer versions with a clear error. */
+export const FILE_STORE_FORMAT_VERSION = 1;
+
+const STORE_MARKER = "cairn-store.json";
+const JOURNAL = "journal.log";
+
+/** A serialized value as it sits in a record: inline JSON when the serializer produced JSON, else base64. */
+type EncodedValue = { t: "json"; d: unknown } | { t: "undefined" } | { t: "empty" } | { t: string; b64: string };
+
+interface HeaderRecord {
+  k: "hdr";
+  format: "cairn-journal";
+  v: number;
+  thread: string;
+  created: string;
+}
+interface CheckpointRecord {
+  k: "cp";
+  ns: string;
+  id: string;
+  parent: string | null;
+  /** The checkpoint without `channel_values`; those live in `blobs`, once per (channel, version). */
+  cp: Omit<Checkpoint, "channel_values">;
+  md: EncodedValue;
+  blobs: Record<string, { ver: string | number } & EncodedValue>;
+}
+interface WritesRecord {
+  k: "w";
+  ns: string;
+  cp: string;
+  task: string;
+  path: string;
+  w: ({ i: number; ch: string } & EncodedValue)[];
+}
+type JournalRecord = HeaderRecord | CheckpointRecord | WritesRecord;
+
+interface CheckpointEntry extends RecordLocation {
+  id: string;
+  parent: string | null;
+}
+interface WriteEntry {
+  loc: RecordLocation;
+  task: string;
+  path: string;
+  idx: number;
+}
+
+/** The in-memory index of one thread's journal: where each record is, never the values themselves. */
+interface ThreadIndex {
+  thread: string;
+  dir: string;
+  file: string;
+  validEnd: number;
+  checkpoints: Map<string, Map<string, CheckpointEntry>>;
+  sorted: Map<string, string[] | undefined>;
+  blobs: Map<string, RecordLocation>;
+  writes: Map<string, WriteEntry[]>;
+  rootCount: number;
+  writer?: JournalWriter;
+  reader?: FileHandle;
+}
+
+export interface FileCheckpointSaverOptions {
+  /** The store directory (created on first write). cairn's default is `.cairn` in the working directory. */
+  dir: string;
+  /**
+   * Write the human-readable per-step files (`0003-story_generator.json`) beside each thread's journal.
+   * They are a view derived from the journal, written without fsync; the journal is the record.
+   * @default true
+   */
+  stepFiles?: boolean;
+  serde?: SerializerProtocol;
+}
+
+const blobKey = (ns: string, channel: string, version: string | number) => `${ns}\u0000${channel}\u0000${String(version)}`;
+const cpKey = (ns: string, id: string) => `${ns}\u0000${id}`;
+
+/**
+ * cairn's embedded checkpoint store: a directory with one folder per thread, each holding an append-only
+ * journal of checksummed records and a readable JSON file per step.
+ *
+ * - Durable: `put` and `putWrites` return only after their record is fdatasync'ed; a crash at any instant
+ *   leaves the old or the new checkpoint, never a torn one.
+ * - Compact: a channel's value is written once per version, so channels a step did not change are not
+ *   written again.
+ * - Verified: every record carries a CRC-32 that is checked on every read.
+ *
+ * @example
+ * ```ts
+ * import { FileCheckpointSaver } from "cairn";
+ * const saver = new FileCheckpointSaver({ dir: ".cairn" });
+ * const app = graph.compile({ checkpointer: saver });
+ * ```
+ */
+export class FileCheckpointSaver extends BaseCheckpointSaver {
+  readonly dir: string;
+  private readonly threadsDir: string;
+  private readonly stepFiles: boolean;
+  private readonly indexes = new Map<string, Promise<ThreadIndex | undefined>>();
+  /** The step names last written per thread, to name the readable files when metadata names no step. */
+  private lastSeen = new Map<string, Checkpoint["versions_seen"]>();
+  private markerChecked?: Promise<void>;
+
+  constructor(options: FileCheckpointSaverOptions) {
+    super(options.serde);
+    this.dir = options.dir;
+    this.threadsDir = join(options.dir, "threads");
+    this.stepFiles = options.stepFiles ?? true;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Reading
+
+  async getTuple(config: RunnableConfig): Promise<CheckpointTuple | undefined> {
+    const thread = config.configurable?.thread_id as string | undefined;
+    if (thread === undefined) return undefined;
+    const ns = (config.configurable?.checkpoint_ns as string | undefined) ?? "";
+    const index = await this.index(thread);
+    if (!index) return undefined;
+    const byId = index.checkpoints.get(ns);
+    if (!byId) return undefined;
+    const id = getCheckpointId(config) || this.sortedIds(index, ns)[0];
+    const entry = id ? byId.get(id) : undefined;
+    if (!entry) return undefined;
+    return this.loadTuple(index, ns, entry);
+  }
+
+  async *list(config: RunnableConfig, options: CheckpointListOptions = {}): AsyncGenerator<CheckpointTuple> {
+    const { before, filter } = options;
+    let limit = options.limit;
+    const wantThread = config.configurable?.thread_id as string | undefined;
+    const wantNs = config.configurable?.checkpoint_ns as string | undefined;
+    const wantId = config.configurable?.checkpoint_id as string | undefined;
+    const beforeId = before?.configurable?.checkpoint_id as string | undefined;
+    const threads = wantThread !== undefined ? [wantThread] : await this.listThreadIds();
+    for (const thread of threads) {
+      const index = await this.index(thread);
+      if (!index) continue;
+      for (const ns of [...index.checkpoints.keys()].sort()) {
+        if (wantNs !== undefined && ns !== wantNs) continue;
+        for (const id of this.sortedIds(index, ns)) {
+          if (wantId && id !== wantId) continue;
+          if (beforeId && id >= beforeId) continue;
+          const entry = index.checkpoints.get(ns)!.get(id)!;
+          const tuple = await this.loadTuple(index, ns, entry);
+          if (filter && !matchesFilter(tuple.metadata, filter)) continue;
+          if (limit !== undefined) {
+            if (limit <= 0) return;
+            limit -= 1;
+          }
+          yield tuple;
+        }
+      }
+    }
+  }
+
+  /** Ids of every thread in the store, sorted. */
+  async listThreadIds(): Promise<string[]> {
+    let names: string[];
+    try {
+      names = await readdir(this.threadsDir);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === "ENOENT") return [];
+      throw error;
+    }
+    return names
+      .filter((n) => !n.startsWith("."))
+      .map(decodeThreadDir)
+      .filter((n): n is string => n !== undefined)
+      .sort();
+  }
+
+  /** The folder that holds a thread's journal and readable step files. */
+  threadDir(thread: string): string {
+    return join(this.threadsDir, encodeThreadDir(thread));
+  }
+
+  private async loadTuple(index: ThreadIndex, ns: string, entry: CheckpointEntry): Promise<CheckpointTuple> {
+    const rec = await this.read<CheckpointRecord>(index, entry);
+    const channel_values: Record<string, unknown> = {};
+    for (const [channel, version] of Object.entries(rec.cp.channel_versions)) {
+      const loc = index.blobs.get(blobKey(ns, channel, version));
+      if (!loc) continue;
+      const holder = loc.offset === entry.offset ? rec : await this.read<CheckpointRecord>(index, loc);
+      const blob = holder.blobs[channel];
+      if (!blob || blob.t === "empty") continue;
+      channel_values[channel] = await this.decode(blob);
+    }
+    const checkpoint = { ...rec.cp, channel_values } as Checkpoint;
+    if (checkpoint.v < 4 && entry.parent) await this.migratePendingSends(index, ns, entry.parent, checkpoint);
+    const config = { configurable: { thread_id: index.thread, checkpoint_ns: ns, checkpoint_id: entry.id } };
+    const tuple: CheckpointTuple = {
+      config,
+      checkpoint,
+      metadata: (await this.decode(rec.md)) as CheckpointMetadata,
+      pendingWrites: await this.loadWrites(index, ns, entry.id),
+    };
+    if (entry.parent) {
+      tuple.parentConfig = { configurable: { thread_id: index.thread, checkpoint_ns: ns, checkpoint_id: entry.parent } };
+    }
+    return tuple;
+  }
+
+  /** Checkpoints older than format 4 kept pending sends as writes on their parent; fold them in. */
+  private async migratePendingSends(index: ThreadIndex, ns: string, parent: string, checkpoint: Checkpoint): Promise<void> {
+    const sends = (await this.loadWrites(index, ns, parent)).filter(([, channel]) => channel === TASKS).map(([, , value]) => value);
+    checkpoint.channel_values[TASKS] = sends;
+    const versions = Object.values(checkpoint.channel_versions);
+    checkpoint.channel_versions[TASKS] = versions.length > 0 ? maxChannelVersion(...versions) : this.getNextVersion(undefined);
+  }
+
+  private async loadWrites(index: ThreadIndex, ns: string, id: string): Promise<CheckpointPendingWrite[]> {
+    const entries = index.writes.get(cpKey(ns, id));
+    if (!entries || entries.length === 0) return [];
+    // Regular writes (idx >= 0) keep their first value; special writes (errors, interrupts) keep their last.
+    const chosen = new Map<string, { task: string; path: string; idx: number; ch: string; value: EncodedValue }>();
+    const records = new Map<number, WritesRecord>();
+    for (const e of entries) {
+      let rec = records.get(e.loc.offset);
+      if (!rec) {
+        rec = await this.read<WritesRecord>(index, e.loc);
+        records.set(e.loc.offset, rec);
+      }
+      const w = rec.w.find((x) => x.i === e.idx);
+      if (!w) continue;
+      const key = `${e.task},${e.idx}`;
+      if (e.idx >= 0 && chosen.has(key)) continue;
+      chosen.set(key, { task: e.task, path: e.path, idx: e.idx, ch: w.ch, value: w });
+    }
+    const ordered = [...chosen.values()].sort((a, b) =>
+      compareWritesSortKeys(writesSortKey(a.path, a.task, a.idx), writesSortKey(b.path, b.task, b.idx)),
+    );
+    return Promise.all(ordered.map(async (w) => [w.task, w.ch, await this.decode(w.value)] as CheckpointPendingWrite));
+  }
+
+  private sortedIds(index: ThreadIndex, ns: string): string[] {
+    let ids = index.sorted.get(ns);
+    if (!ids) {
+      ids = [...(index.checkpoints.get(ns)?.keys() ?? [])].sort().reverse();
+      index.sorted.set(ns, ids);
+    }
+    return ids;
+  }
+
+  private async read<T>(index: ThreadIndex, loc: RecordLocation): Promise<T> {
+    index.reader ??= await open(index.file, "r");
+    return readRecord<T>(index.reader, index.file, loc);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Writing
+
+  async put(
+    config: RunnableConfig,
+    checkpoint: Checkpoint,
+    metadata: CheckpointMetadata,
+    newVersions: ChannelVersions,
+  ): Promise<RunnableConfig> {
+    const thread = requireThread(config, "put a checkpoint");
+    const ns = (config.configurable?.checkpoint_ns as string | undefined) ?? "";
+    const parent = (config.configurable?.checkpoint_id as string | undefined) ?? null;
+    const index = await this.writableIndex(thread);
+
+    const { channel_values, ...rest } = checkpoint;
+    const blobParts: string[] = [];
+    for (const [channel, version] of Object.entries(newVersions)) {
+      const value = channel in channel_values ? await this.encode(channel_values[channel]) : `{"t":"empty"}`;
+      blobParts.push(`${JSON.stringify(channel)}:${injectVersion(value, version)}`);
+    }
+    const json =
+      `{"k":"cp","ns":${JSON.stringify(ns)},"id":${JSON.stringify(checkpoint.id)},"parent":${JSON.stringify(parent)},` +
+      `"cp":${JSON.stringify(rest)},"md":${await this.encode(metadata)},"blobs":{${blobParts.join(",")}}}`;
+    const loc = await index.writer!.append(json);
+
+    this.indexCheckpoint(index, ns, checkpoint.id, parent, loc, Object.entries(newVersions));
+    if (this.stepFiles && ns === "") await this.writeStepFile(index, checkpoint, metadata, parent);
+    return { configurable: { thread_id: thread, checkpoint_ns: ns, checkpoint_id: checkpoint.id } };
+  }
+
+  async putWrites(config: RunnableConfig, writes: PendingWrite[], taskId: string, taskPath = ""): Promise<void> {
+    const thread = requireThread(config, "save task writes");
+    const ns = (config.configurable?.checkpoint_ns as string | undefined) ?? "";
+    const cp = config.configurable?.checkpoint_id as string | undefined;
+    if (cp === undefined) {
+      throw new CairnError("INVALID_ARGUMENT", `Cannot save task writes for thread "${thread}": the config names no checkpoint_id.`, {
+        thread,
+      });
+    }
+    const index = await this.writableIndex(thread);
+    const existing = index.writes.get(cpKey(ns, cp)) ?? [];
+    const parts: string[] = [];
+    const idxs: number[] = [];
+    for (const [i, [channel, value]] of writes.entries()) {
+      const idx = WRITES_IDX_MAP[channel] ?? i;
+      // A regular write already saved for this task is kept as it was (LangGraph replays them on resume).
+      if (idx >= 0 && existing.some((e) => e.task === taskId && e.idx === idx)) continue;
+      const encoded = await this.encode(value);
+      parts.push(`{"i":${idx},"ch":${JSON.stringify(channel)},${encoded.slice(1)}`);
+      idxs.push(idx);
+    }
+    if (parts.length === 0) return;
+    const json =
+      `{"k":"w","ns":${JSON.stringify(ns)},"cp":${JSON.stringify(cp)},"task":${JSON.stringify(taskId)},` +
+      `"path":${JSON.stringify(taskPath)},"w":[${parts.join(",")}]}`;
+    const loc = await index.writer!.append(json);
+    const list = index.writes.get(cpKey(ns, cp)) ?? [];
+    for (const idx of idxs) list.push({ loc, task: taskId, path: taskPath, idx });
+    index.writes.set(cpKey(ns, cp), list);
+  }
+
+  async deleteThread(threadId: string): Promise<void> {
+    const cached = await this.indexes.get(threadId);
+    this.indexes.delete(threadId);
+    this.lastSeen.delete(threadId);
+    if (cached) {
+      await cached.writer?.close();
+      await cached.reader?.close();
+    }
+    const dir = this.threadDir(threadId);
+    const trash = join(this.threadsDir, `.deleted-${encodeThreadDir(threadId)}-${process.pid}-${Date.now()}`);
+    try {
+      // Rename first: the thread disappears in one step, and a crash mid-delete leaves only a dot-folder.
+      await rename(dir, trash);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === "ENOENT") return;
+      throw error;
+    }
+    await rm(trash, { recursive: true, force: true });
+  }
+
+  /** Close the files this saver holds open. The saver reopens them if used again. */
+  async close(): Promise<void> {
+    const all = [...this.indexes.values()];
+    this.indexes.clear();
+    for (const p of all) {
+      const index = await p.catch(() => undefined);
+      await index?.writer?.close();
+      await index?.reader?.close();
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // The index
+
+  /** The thread's index, refreshed if another process appended since it was built. */
+  private async index(thread: string): Promise<ThreadIndex | undefined> {
+    let pending = this.indexes.get(thread);
+    if (!pending) {
+      pending = this.loadIndex(thread);
+      this.indexes.set(thread, pending);
+      pending.catch(() => this.indexes.delete(thread));
+    }
+    const index = await pending;
+    if (index && !index.writer) await this.refresh(index);
+    return index;
+  }
+
+  private async loadIndex(thread: string): Promise<ThreadIndex | undefined> {
+    const dir = this.threadDir(thread);
+    const file = join(dir, JOURNAL);
+    try {
+      await stat(file);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+      throw error;
+    }
+    await this.checkMarker();
+    const index: ThreadIndex = {
+      thread,
+      dir,
+      file,
+      validEnd: 0,
+      checkpoints: new Map(),
+      sorted: new Map(),
+      blobs: new Map(),
+      writes: new Map(),
+      rootCount: 0,
+    };
+    await this.refresh(index);
+    return index;
+  }
+
+  /** Read whatever the journal holds past what the index covers. */
+  private async refresh(index: ThreadIndex): Promise<void> {
+    const { size } = await stat(index.file);
+    if (size <= index.validEnd) return;
+    const handle = await open(index.file, "r");
+    let bytes: Buffer;
+    try {
+      bytes = Buffer.alloc(size - index.validEnd);
+      await handle.read(bytes, 0, bytes.length, index.validEnd);
+    } finally {
+      await handle.close();
+    }
+    const { records, validEnd } = scanLines<JournalRecord>(index.file, bytes, index.validEnd);
+    for (const { record, offset, length } of records) {
+      const loc = { offset, length };
+      if (record.k === "hdr") {
+        if (record.v > FILE_STORE_FORMAT_VERSION) throw newerFormat(index.file, record.v);
+      } else if (record.k === "cp") {
+        this.indexCheckpoint(
+          index,
+          record.ns,
+          record.id,
+          record.parent,
+          loc,
+          Object.entries(record.blobs).map(([ch, b]) => [ch, b.ver]),
+        );
+      } else if (record.k === "w") {
+        const key = cpKey(record.ns, record.cp);
+        const list = index.writes.get(key) ?? [];
+        for (const w of record.w) list.push({ loc, task: record.task, path: record.path, idx: w.i });
+        index.writes.set(key, list);
+      }
+    }
+    index.validEnd = validEnd;
+  }
+
+  private indexCheckpoint(
+    index: ThreadIndex,
+    ns: string,
+    id: string,
+    parent: string | null,
+    loc: RecordLocation,
+    versions: [string, string | number][],
+  ): void {
+    let byId = index.checkpoints.get(ns);
+    if (!byId) {
+      byId = new Map();
+      index.checkpoints.set(ns, byId);
+    }
+    if (!byId.has(id) && ns === "") index.rootCount += 1;
+    byId.set(id, { id, parent, ...loc });
+    index.sorted.set(ns, undefined);
+    for (const [channel, version] of versions) index.blobs.set(blobKey(ns, channel, version), loc);
+  }
+
+  /** The thread's index with its journal open for appending, creating the thread on first write. */
+  private async writableIndex(thread: string): Promise<ThreadIndex> {
+    let index = await this.index(thread);
+    if (!index) {
+      await this.createThread(thread);
+      this.indexes.delete(thread);
+      index = await this.index(thread);
+      if (!index) throw new Error(`BUG: thread ${thread} was created but cannot be read back`);
+    }
+    if (!index.writer) {
+      await this.refresh(index);
+      index.writer = await JournalWriter.open(index.file, index.validEnd);
+    }
+    return index;
+  }
+
+  private async createThread(thread: string): Promise<void> {
+    await this.ensureMarker();
+    const dir = this.threadDir(thread);
+    await mkdir(dir, { recursive: true });
+    const header: HeaderRecord = {
+      k: "hdr",
+      format: "cairn-journal",
+      v: FILE_STORE_FORMAT_VERSION,
+      thread,
+      created: new Date().toISOString(),
+    };
+    const file = join(dir, JOURNAL);
+    const writer = await JournalWriter.open(file, 0);
+    try {
+      await writer.append(JSON.stringify(header));
+    } finally {
+      await writer.close();
+    }
+    // The new journal's directory entry, and the thread folder's, must survive a crash too.
+    await fsyncDir(dir);
+    await fsyncDir(this.threadsDir);
+  }
+
+  private async ensureMarker(): Promise<void> {
+    await this.checkMarker();
+    const marker = join(this.dir, STORE_MARKER);
+    try {
+      await stat(marker);
+      return;
+    } catch {
+      // first write to this store
+    }
+    await mkdir(this.threadsDir, { recursive: true });
+    const body = JSON.stringify({ format: "cairn-file-store", version: FILE_STORE_FORMAT_VERSION }, null, 2) + "\n";
+    const tmp = `${marker}.tmp-${process.pid}`;
+    await writeFile(tmp, body);
+    await rename(tmp, marker);
+    await fsyncDir(this.dir);
+  }
+
+  private checkMarker(): Promise<void> {
+    this.markerChecked ??= (async () => {
+      const marker = join(this.dir, STORE_MARKER);
+      let text: string;
+      try {
+        text = await readFile(marker, "utf8");
+      } catch {
+        return;
+      }
+      let version: unknown;
+      try {
+        version = (JSON.parse(text) as { version?: unknown }).version;
+      } catch (cause) {
+        throw new CairnError("CHECKPOINT_CORRUPT", `Store marker ${marker} is not valid JSON. Restore it or move the store aside.`, { file: marker }, { cause });
+      }
+      if (typeof version === "number" && version > FILE_STORE_FORMAT_VERSION) throw newerFormat(marker, version);
+    })();
+    this.markerChecked.catch(() => {
+      this.markerChecked = undefined;
+    });
+    return this.markerChecked;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // The readable view
+
+  /**
+   * Write `NNNN-<step>.json`: what the step that produced this checkpoint wrote (its task writes, as the
+   * step returned them), pretty-printed. A view only: no fsync, and a crash may leave the newest one missing.
+   */
+  private async writeStepFile(index: ThreadIndex, checkpoint: Checkpoint, metadata: CheckpointMetadata, parent: string | null) {
+    const cairn = (metadata as { cairn?: { step?: unknown } }).cairn;
+    const prevSeen = this.lastSeen.get(index.thread);
+    this.lastSeen.set(index.thread, checkpoint.versions_seen);
+    let step: string;
+    if (typeof cairn?.step === "string" && cairn.step) step = cairn.step;
+    else if (metadata.source === "input") step = "input";
+    else if (metadata.source === "fork" || metadata.source === "update") step = metadata.source;
+    else step = nodesThatRan(prevSeen, checkpoint.versions_seen).join("+") || "step";
+
+    const produced: Record<string, Record<string, unknown>> = {};
+    if (parent) {
+      for (const [task, channel, value] of await this.loadWrites(index, "", parent)) {
+        if (channel.startsWith("branch:") || channel.startsWith("__")) continue;
+        (produced[task] ??= {})[channel] = value;
+      }
+    }
+    const tasks = Object.values(produced);
+    const body = {
+      step,
+      checkpoint: checkpoint.id,
+      parent,
+      source: metadata.source,
+      ts: checkpoint.ts,
+      metadata,
+      produced: tasks.length === 1 ? tasks[0] : tasks,
+    };
+    const name = stepFileName(index.rootCount, step);
+    const target = join(index.dir, name);
+    const tmp = join(index.dir, `.${name}.tmp`);
+    await writeFile(tmp, JSON.stringify(body, jsonForView, 2) + "\n");
+    await rename(tmp, target);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Values
+
+  private async encode(value: unknown): Promise<string> {
+    if (value === undefined) return `{"t":"undefined"}`;
+    const [type, data] = await this.serde.dumpsTyped(value);
+    if (type === "json") {
+      const text = typeof data === "string" ? data : Buffer.from(data).toString("utf8");
+      if (text === "") return `{"t":"undefined"}`;
+      return `{"t":"json","d":${text}}`;
+    }
+    const bytes = typeof data === "string" ? Buffer.from(data, "utf8") : Buffer.from(data);
+    return JSON.stringify({ t: type, b64: bytes.toString("base64") });
+  }
+
+  private async decode(value: EncodedValue): Promise<unknown> {
+    if (value.t === "undefined" || value.t === "empty") return undefined;
+    if ("d" in value) return this.serde.loadsTyped("json", JSON.stringify(value.d));
+    if ("b64" in value) return this.serde.loadsTyped(value.t, new Uint8Array(Buffer.from(value.b64, "base64")));
+    return undefined;
+  }
+}
+
+function requireThread(config: RunnableConfig, action: string): string {
+  const thread = config.configurable?.thread_id as unknown;
+  if (typeof thread !== "string" || thread === "") {
+    throw new CairnError("INVALID_ARGUMENT", `Cannot ${action}: the config has no configurable.thread_id. Pass { configurable: { thread_id } }.`);
+  }
+  return thread;
+}
+
+/** `{"t":...}` → `{"ver":...,"t":...}` without re-parsing the value. */
+function injectVersion(encoded: string, version: string | number): string {
+  return `{"ver":${JSON.stringify(version)},${encoded.slice(1)}`;
+}
+
+function matchesFilter(metadata: unknown, filter: Record<string, unknown>): boolean {
+  const md = (metadata ?? {}) as Record<string, unknown>;
+  return Object.entries(filter).every(([k, v]) => JSON.stringify(md[k]) === JSON.stringify(v));
+}
+
+function nodesThatRan(prev: Checkpoint["versions_seen"] | undefined, next: Checkpoint["versions_seen"]): string[] {
+  const ran: string[] = [];
+  for (const [node, seen] of Object.entries(next)) {
+    if (node.startsWith("__")) continue;
+    if (JSON.stringify(prev?.[node]) !== JSON.stringify(seen)) ran.push(node);
+  }
+  return ran;
+}
+
+function jsonForView(_key: string, value: unknown): unknown {
+  if (value instanceof Uint8Array) return `<${value.length} bytes>`;
+  if (typeof value === "bigint") return value.toString();
+  return value;
+}
+
+function newerFormat(file: string, version: number): CairnError {
+  return new CairnError(
+    "CHECKPOINT_CORRUPT",
+    `${file} was written by a newer cairn (format version ${version}; this cairn reads up to ${FILE_STORE_FORMAT_VERSION}). Upgrade cairn to read this store.`,
+    { file },
+  );
+}
+
+async function fsyncDir(dir: string): Promise<void> {
+  const handle = await open(dir, "r");
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}

@@ -21,6 +21,7 @@ import {
 import { CairnError } from "../errors.ts";
 import { JournalWriter, readRecord, scanLines, type RecordLocation } from "./journal.ts";
 import { decodeThreadDir, encodeThreadDir, stepFileName } from "./names.ts";
+import { nodesThatRan } from "./steps.ts";
 
 /** The version of the on-disk format this code writes. Readers refuse newer versions with a clear error. */
 export const FILE_STORE_FORMAT_VERSION = 1;
@@ -81,6 +82,8 @@ interface ThreadIndex {
   writes: Map<string, WriteEntry[]>;
   rootCount: number;
   writer?: JournalWriter;
+  opening?: Promise<void>;
+  refreshing?: Promise<void>;
   reader?: FileHandle;
 }
 
@@ -124,6 +127,9 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   /** The step names last written per thread, to name the readable files when metadata names no step. */
   private lastSeen = new Map<string, Checkpoint["versions_seen"]>();
   private markerChecked?: Promise<void>;
+  private markerWritten?: Promise<void>;
+  /** Thread creations under way, so concurrent first writes to a thread create it once. */
+  private creating = new Map<string, Promise<void>>();
 
   constructor(options: FileCheckpointSaverOptions) {
     super(options.serde);
@@ -404,8 +410,14 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     return index;
   }
 
-  /** Read whatever the journal holds past what the index covers. */
-  private async refresh(index: ThreadIndex): Promise<void> {
+  /** Read whatever the journal holds past what the index covers (one scan at a time per thread). */
+  private refresh(index: ThreadIndex): Promise<void> {
+    const next = (index.refreshing ?? Promise.resolve()).then(() => this.scanTail(index));
+    index.refreshing = next.catch(() => {});
+    return next;
+  }
+
+  private async scanTail(index: ThreadIndex): Promise<void> {
     const { size } = await stat(index.file);
     if (size <= index.validEnd) return;
     const handle = await open(index.file, "r");
@@ -463,14 +475,27 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   private async writableIndex(thread: string): Promise<ThreadIndex> {
     let index = await this.index(thread);
     if (!index) {
-      await this.createThread(thread);
-      this.indexes.delete(thread);
+      let creation = this.creating.get(thread);
+      if (!creation) {
+        creation = (async () => {
+          await this.createThread(thread);
+          // Replace the "no such thread" answer cached before the thread existed, once, for every caller.
+          const loading = this.loadIndex(thread);
+          this.indexes.set(thread, loading);
+          await loading;
+        })().finally(() => this.creating.delete(thread));
+        this.creating.set(thread, creation);
+      }
+      await creation;
       index = await this.index(thread);
       if (!index) throw new Error(`BUG: thread ${thread} was created but cannot be read back`);
     }
     if (!index.writer) {
-      await this.refresh(index);
-      index.writer = await JournalWriter.open(index.file, index.validEnd);
+      index.opening ??= (async () => {
+        await this.refresh(index);
+        index.writer = await JournalWriter.open(index.file, index.validEnd);
+      })();
+      await index.opening;
     }
     return index;
   }
@@ -498,7 +523,15 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     await fsyncDir(this.threadsDir);
   }
 
-  private async ensureMarker(): Promise<void> {
+  private ensureMarker(): Promise<void> {
+    this.markerWritten ??= this.writeMarker();
+    this.markerWritten.catch(() => {
+      this.markerWritten = undefined;
+    });
+    return this.markerWritten;
+  }
+
+  private async writeMarker(): Promise<void> {
     await this.checkMarker();
     const marker = join(this.dir, STORE_MARKER);
     try {
@@ -558,7 +591,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     const produced: Record<string, Record<string, unknown>> = {};
     if (parent) {
       for (const [task, channel, value] of await this.loadWrites(index, "", parent)) {
-        if (channel.startsWith("branch:") || channel.startsWith("__")) continue;
+        if (!isReadableChannel(channel)) continue;
         (produced[task] ??= {})[channel] = value;
       }
     }
@@ -620,13 +653,11 @@ function matchesFilter(metadata: unknown, filter: Record<string, unknown>): bool
   return Object.entries(filter).every(([k, v]) => JSON.stringify(md[k]) === JSON.stringify(v));
 }
 
-function nodesThatRan(prev: Checkpoint["versions_seen"] | undefined, next: Checkpoint["versions_seen"]): string[] {
-  const ran: string[] = [];
-  for (const [node, seen] of Object.entries(next)) {
-    if (node.startsWith("__")) continue;
-    if (JSON.stringify(prev?.[node]) !== JSON.stringify(seen)) ran.push(node);
-  }
-  return ran;
+/** Channels worth showing in a step file: not LangGraph's routing and bookkeeping, not cairn's done/undo records. */
+function isReadableChannel(channel: string): boolean {
+  if (channel.startsWith("branch:")) return false;
+  if (channel.startsWith("__cairn_map_")) return true;
+  return !channel.startsWith("__");
 }
 
 function jsonForView(_key: string, value: unknown): unknown {

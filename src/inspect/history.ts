@@ -1,0 +1,130 @@
+import { isAlive } from "./process.ts";
+import type { BaseCheckpointSaver, CheckpointTuple } from "@langchain/langgraph-checkpoint";
+import { CairnError } from "../errors.ts";
+import { errorWrites, nodesThatRan, pendingNodes } from "../store/steps.ts";
+
+/** One checkpoint of a thread, as `cairn history` shows it. */
+export interface HistoryEntry {
+  id: string;
+  parent: string | undefined;
+  /** The step that produced this checkpoint ("input" for the first). */
+  step: string;
+  source: string;
+  ts: string;
+  durationMs: number | undefined;
+  tasks: number | undefined;
+}
+
+export type ThreadStatus = "completed" | "failed" | "interrupted" | "running";
+
+export interface ThreadSummary {
+  thread: string;
+  status: ThreadStatus;
+  /** The last step that finished (the step of the newest checkpoint). */
+  lastStep: string;
+  checkpoints: number;
+  updated: string;
+  /** For a failed thread, the failing task's message. */
+  error?: string;
+  /** Steps still due on an unfinished thread. */
+  next: string[];
+}
+
+interface CairnMeta {
+  step?: string;
+  durationMs?: number;
+  tasks?: number;
+  pid?: number;
+  host?: string;
+}
+
+const cairnMeta = (tuple: CheckpointTuple): CairnMeta => ((tuple.metadata as { cairn?: CairnMeta } | undefined)?.cairn ?? {});
+
+/** Every root checkpoint of a thread, oldest first. */
+export async function readHistory(saver: BaseCheckpointSaver, thread: string): Promise<HistoryEntry[]> {
+  const tuples: CheckpointTuple[] = [];
+  for await (const t of saver.list({ configurable: { thread_id: thread, checkpoint_ns: "" } })) tuples.push(t);
+  tuples.reverse();
+  const byId = new Map(tuples.map((t) => [t.checkpoint.id, t]));
+  return tuples.map((t) => {
+    const meta = cairnMeta(t);
+    const parentId = t.parentConfig?.configurable?.checkpoint_id as string | undefined;
+    let step = meta.step;
+    if (!step) {
+      const source = t.metadata?.source ?? "loop";
+      if (source !== "loop") step = source;
+      else {
+        const parent = parentId ? byId.get(parentId) : undefined;
+        step = nodesThatRan(parent?.checkpoint.versions_seen, t.checkpoint.versions_seen).join("+") || `step ${t.metadata?.step ?? "?"}`;
+      }
+    }
+    return {
+      id: t.checkpoint.id,
+      parent: parentId,
+      step,
+      source: t.metadata?.source ?? "loop",
+      ts: t.checkpoint.ts,
+      durationMs: meta.durationMs,
+      tasks: meta.tasks,
+    };
+  });
+}
+
+/** The chain of checkpoints that leads to `head` (oldest first): the thread's current branch. */
+export function branchOf(entries: HistoryEntry[], head: string): HistoryEntry[] {
+  const byId = new Map(entries.map((e) => [e.id, e]));
+  const chain: HistoryEntry[] = [];
+  let cur = byId.get(head);
+  while (cur) {
+    chain.push(cur);
+    cur = cur.parent ? byId.get(cur.parent) : undefined;
+  }
+  return chain.reverse();
+}
+
+/** Latest checkpoint of a thread, or THREAD_NOT_FOUND naming the store and how to list threads. */
+export async function latestTuple(saver: BaseCheckpointSaver, thread: string, storeUri: string): Promise<CheckpointTuple> {
+  const tuple = await saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
+  if (!tuple) {
+    throw new CairnError(
+      "THREAD_NOT_FOUND",
+      `No thread "${thread}" in store ${storeUri}. List the threads with: cairn threads --store ${storeUri}`,
+      { thread, store: storeUri },
+    );
+  }
+  return tuple;
+}
+
+/**
+ * Where a thread stands, from its newest checkpoint alone: failed if a task's error is recorded there,
+ * running if work is due and the process that wrote it is still alive on this host, interrupted if
+ * work is due otherwise, completed when nothing is due and no task output is waiting to be applied.
+ */
+export function statusOf(tuple: CheckpointTuple): { status: ThreadStatus; next: string[]; error?: string } {
+  const errors = errorWrites(tuple);
+  const next = pendingNodes(tuple.checkpoint);
+  const waitingWrites = (tuple.pendingWrites ?? []).length > 0;
+  if (errors.length > 0) return { status: "failed", next, error: errors[0]!.message };
+  if (next.length === 0 && !waitingWrites && tuple.metadata?.source !== "input") return { status: "completed", next };
+  const meta = cairnMeta(tuple);
+  if (meta.pid !== undefined && isAlive(meta.pid, meta.host)) return { status: "running", next };
+  return { status: "interrupted", next };
+}
+
+export async function summarizeThread(saver: BaseCheckpointSaver, thread: string): Promise<ThreadSummary | undefined> {
+  const tuple = await saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
+  if (!tuple) return undefined;
+  let checkpoints = 0;
+  for await (const _ of saver.list({ configurable: { thread_id: thread, checkpoint_ns: "" } })) checkpoints += 1;
+  const { status, next, error } = statusOf(tuple);
+  const history = cairnMeta(tuple).step;
+  return {
+    thread,
+    status,
+    lastStep: history ?? tuple.metadata?.source ?? "?",
+    checkpoints,
+    updated: tuple.checkpoint.ts,
+    error,
+    next,
+  };
+}

@@ -1,0 +1,108 @@
+import { RunnableLambda, type Runnable, type RunnableConfig } from "@langchain/core/runnables";
+import { StateGraph, type BaseCheckpointSaver } from "@langchain/langgraph";
+import { CairnError } from "../errors.ts";
+import { isWorkflow, type Workflow } from "../workflow/builder.ts";
+import { RunRuntime, type RunEvent } from "../workflow/instrument.ts";
+import { RecordingSaver } from "./recording.ts";
+
+/** Anything cairn can run: a cairn workflow, or a plain (uncompiled) LangGraph `StateGraph`. */
+export type RunTarget = Workflow<any, string> | StateGraph<any, any, any, any, any, any>;
+
+/** A graph compiled for one run, with its runtime and recording saver. */
+export interface PreparedRun {
+  name: string;
+  steps: string[];
+  workflow?: Workflow<any, string>;
+  graph: ReturnType<StateGraph<any, any, any, any, any, any>["compile"]>;
+  runtime: RunRuntime;
+  saver: RecordingSaver;
+  /** Whether a state channel accumulates through a reducer (restoring it needs an Overwrite). */
+  isReducer(channel: string): boolean;
+}
+
+export function describeTarget(target: RunTarget): { name: string; steps: string[] } {
+  if (isWorkflow(target)) return { name: target.name, steps: target.steps };
+  const graph = asStateGraph(target);
+  return { name: "graph", steps: Object.keys(graph.nodes) };
+}
+
+/** Accept an uncompiled StateGraph, or a compiled one (its builder is used). */
+export function asStateGraph(target: unknown): StateGraph<any, any, any, any, any, any> {
+  if (target instanceof StateGraph) return target;
+  const builder = (target as { builder?: unknown } | null)?.builder;
+  if (builder instanceof StateGraph) return builder;
+  if (typeof target === "object" && target !== null && "nodes" in target && "compile" in target && "channels" in target) {
+    return target as StateGraph<any, any, any, any, any, any>;
+  }
+  throw new CairnError("GRAPH_LOAD_FAILED", `Expected a cairn workflow or a LangGraph StateGraph, got ${describeValue(target)}.`);
+}
+
+export function describeValue(value: unknown): string {
+  if (value === undefined) return "undefined";
+  if (value === null) return "null";
+  if (typeof value === "object") return `an object (${(value as object).constructor?.name ?? "Object"})`;
+  return `a ${typeof value}`;
+}
+
+export function prepareRun(
+  target: RunTarget,
+  saver: BaseCheckpointSaver,
+  thread: string,
+  signal: AbortSignal,
+  emit: (event: RunEvent) => void,
+): PreparedRun {
+  if (isWorkflow(target)) {
+    const runtime = new RunRuntime(thread, signal, emit, (node) => target.stepOfNode(node));
+    const recording = new RecordingSaver(saver, runtime, target.name);
+    const builder = target.toStateGraph(runtime);
+    const graph = builder.compile({ checkpointer: recording, name: target.name });
+    return {
+      name: target.name,
+      steps: target.steps,
+      workflow: target,
+      graph,
+      runtime,
+      saver: recording,
+      isReducer: (c) => isReducerChannel(builder, c),
+    };
+  }
+  const builder = asStateGraph(target);
+  const runtime = new RunRuntime(thread, signal, emit);
+  const name = "graph";
+  const recording = new RecordingSaver(saver, runtime, name);
+  const graph = compileInstrumented(builder, runtime, recording);
+  return {
+    name,
+    steps: Object.keys(builder.nodes),
+    graph,
+    runtime,
+    saver: recording,
+    isReducer: (c) => isReducerChannel(builder, c),
+  };
+}
+
+/**
+ * Compile a plain StateGraph with every node wrapped by the run's runtime. The user's graph object is
+ * left as it was: the wrappers are put in for the compile only (compile copies node runnables out).
+ */
+function compileInstrumented(builder: StateGraph<any, any, any, any, any, any>, runtime: RunRuntime, saver: BaseCheckpointSaver) {
+  const nodes = builder.nodes as Record<string, { runnable: Runnable }>;
+  const originals = new Map<string, Runnable>();
+  for (const [name, spec] of Object.entries(nodes)) {
+    originals.set(name, spec.runnable);
+    const inner = spec.runnable;
+    spec.runnable = RunnableLambda.from(async (input: unknown, config?: RunnableConfig) =>
+      runtime.task(name, undefined, () => inner.invoke(input, { ...config, signal: runtime.signal })),
+    ).withConfig({ runName: name }) as unknown as Runnable;
+  }
+  try {
+    return builder.compile({ checkpointer: saver });
+  } finally {
+    for (const [name, runnable] of originals) nodes[name]!.runnable = runnable;
+  }
+}
+
+function isReducerChannel(builder: StateGraph<any, any, any, any, any, any>, channel: string): boolean {
+  const ch = (builder.channels as Record<string, unknown>)[channel];
+  return ch !== undefined && ch?.constructor?.name === "BinaryOperatorAggregate";
+}

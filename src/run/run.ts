@@ -1,0 +1,255 @@
+import { Overwrite, START } from "@langchain/langgraph";
+import type { RunnableConfig } from "@langchain/core/runnables";
+import { nanoid } from "nanoid";
+import { CairnError, isCairnError } from "../errors.ts";
+import { branchOf, latestTuple, readHistory, statusOf } from "../inspect/history.ts";
+import { openStore, type OpenedStore } from "../store/open.ts";
+import { errorWrites } from "../store/steps.ts";
+import { DONE_CHANNEL, isInternalChannel, undoChannel, unknownStep, type UndoRecord, type Workflow } from "../workflow/builder.ts";
+import type { RunEvent } from "../workflow/instrument.ts";
+import { describeTarget, prepareRun, type PreparedRun, type RunTarget } from "./prepare.ts";
+
+/** The step names of a target: literal for a cairn workflow, any string for a plain StateGraph. */
+export type StepName<T> = T extends Workflow<any, infer N> ? N : string;
+/** The state of a target, without cairn's internal fields. */
+export type StateOf<T> = T extends Workflow<infer S, any> ? import("zod").infer<S> : Record<string, unknown>;
+
+export interface RunCommonOptions {
+  /** A store URI (`file:<dir>`, `sqlite:<path>`, `postgres://…`) or an opened store. Default: CAIRN_STORE or `file:.cairn`. */
+  store?: string | OpenedStore;
+  /** Directory that relative store paths resolve against. */
+  cwd?: string;
+  /** Called for every task start/end, log line and checkpoint. */
+  onEvent?: (event: RunEvent) => void;
+  /** Cancels the run: running steps see their `ctx.signal` aborted. */
+  signal?: AbortSignal;
+}
+
+export interface StartOptions extends RunCommonOptions {
+  /** The input; validated against the workflow's schema before anything is written. */
+  input?: unknown;
+  /** The thread id; generated when absent. Must not exist yet. */
+  thread?: string;
+}
+
+export interface ResumeOptions<Step extends string = string> extends RunCommonOptions {
+  thread: string;
+  /** Rerun this step and every step after it, from the state before it. */
+  fromStep?: Step;
+  /** Continue from this checkpoint of the thread's history instead of the latest. */
+  checkpoint?: string;
+}
+
+export interface RunResult<State = Record<string, unknown>> {
+  thread: string;
+  /** `already-completed`: a resume found nothing left to do and ran nothing. */
+  status: "completed" | "already-completed";
+  state: State;
+  /** Tasks run by this call (a fan-out counts one per item). */
+  tasksRun: number;
+  store: string;
+}
+
+/**
+ * Start a new thread and run it to the end, checkpointing durably after every step.
+ *
+ * @example
+ * ```ts
+ * const result = await run(moralVideo, { input: { topic: "honesty" }, thread: "video-001" });
+ * ```
+ */
+export async function run<T extends RunTarget>(target: T, options: StartOptions = {}): Promise<RunResult<StateOf<T>>> {
+  const thread = options.thread ?? nanoid(10);
+  checkThreadId(thread);
+  const input = parseInput(target, options.input);
+  return withStore(options, async (store) => {
+    const existing = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
+    if (existing) {
+      throw new CairnError(
+        "THREAD_EXISTS",
+        `Thread "${thread}" already exists in store ${store.uri}. Continue it with \`cairn resume … --thread ${thread}\`, or pick another --thread id.`,
+        { thread },
+      );
+    }
+    const prepared = prepare(target, store, thread, options);
+    return execute(prepared, store, thread, input);
+  });
+}
+
+/**
+ * Continue a thread: from its latest checkpoint (finished steps never run again), from the state before a
+ * named step (`fromStep`, which forks and keeps the old branch in history), or from any checkpoint.
+ *
+ * @example
+ * ```ts
+ * await resume(moralVideo, { thread: "video-001", fromStep: "video_assembler" });
+ * ```
+ */
+export async function resume<T extends RunTarget>(target: T, options: ResumeOptions<StepName<T>>): Promise<RunResult<StateOf<T>>> {
+  const { thread, fromStep, checkpoint } = options;
+  if (fromStep !== undefined && checkpoint !== undefined) {
+    throw new CairnError(
+      "INVALID_ARGUMENT",
+      `--from-step and --checkpoint cannot be used together: --from-step "${fromStep}" restarts before a step, --checkpoint "${checkpoint}" continues from one checkpoint. Pass one of them.`,
+      { thread },
+    );
+  }
+  checkThreadId(thread);
+  const { steps, name } = describeTarget(target);
+  if (fromStep !== undefined && !steps.includes(fromStep)) throw unknownStep(name, fromStep, steps);
+  return withStore(options, async (store) => {
+    const latest = await latestTuple(store.saver, thread, store.uri);
+    const prepared = prepare(target, store, thread, options);
+    const config = { configurable: { thread_id: thread } };
+    if (checkpoint !== undefined) {
+      const at = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: checkpoint } });
+      if (!at) {
+        throw new CairnError(
+          "CHECKPOINT_NOT_FOUND",
+          `No checkpoint "${checkpoint}" in thread "${thread}". List its checkpoints with: cairn history ${thread} --store ${store.uri}`,
+          { thread, checkpoint },
+        );
+      }
+      prepared.saver.nextLabel = "fork";
+      await prepared.graph.updateState(at.config, undefined, "__copy__");
+      return execute(prepared, store, thread, null);
+    }
+    if (fromStep !== undefined) {
+      await rewindTo(prepared, store, thread, fromStep);
+      return execute(prepared, store, thread, null);
+    }
+    const { status } = statusOf(latest);
+    if (status === "completed") {
+      const snapshot = await prepared.graph.getState(config);
+      return { thread, status: "already-completed", state: userState(snapshot.values) as StateOf<T>, tasksRun: 0, store: store.uri };
+    }
+    return execute(prepared, store, thread, null);
+  });
+}
+
+/**
+ * Put the thread back to the state before `step` first ran on its current branch. With the checkpoint
+ * before that step still in history, fork from it (a copy, so history keeps the old branch). Without it
+ * (pruned), a cairn workflow rebuilds that state from the latest one: each step recorded, the first
+ * time it ran, the values it replaced.
+ */
+async function rewindTo(prepared: PreparedRun, store: OpenedStore, thread: string, step: string): Promise<void> {
+  const history = await readHistory(store.saver, thread);
+  const branch = branchOf(history, history[history.length - 1]!.id);
+  const first = branch.find((e) => e.step === step);
+  if (first?.parent) {
+    const before = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: first.parent } });
+    if (before) {
+      prepared.saver.nextLabel = `restart:${step}`;
+      await prepared.graph.updateState(before.config, undefined, "__copy__");
+      return;
+    }
+  }
+  const latest = await prepared.graph.getState({ configurable: { thread_id: thread } });
+  const values = latest.values as Record<string, unknown>;
+  const done = (values[DONE_CHANNEL] as string[] | undefined) ?? [];
+  const at = done.indexOf(step);
+  if (prepared.workflow && at !== -1) {
+    const undone = done.slice(at);
+    const restored: Record<string, unknown> = {};
+    // Latest step first, so the earliest step's record (the value before `step` ran) is the one that stays.
+    for (const s of [...undone].reverse()) {
+      const undo = values[undoChannel(s)] as UndoRecord | undefined | null;
+      for (const [k, v] of Object.entries(undo?.fields ?? {})) restored[k] = v;
+    }
+    const update: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(restored)) update[k] = prepared.isReducer(k) ? new Overwrite(v) : v;
+    update[DONE_CHANNEL] = new Overwrite(done.slice(0, at));
+    for (const s of undone) update[undoChannel(s)] = null;
+    const asNode = at === 0 ? START : prepared.workflow.lastNodeOf(done[at - 1]!);
+    prepared.saver.nextLabel = `restart:${step}`;
+    await prepared.graph.updateState({ configurable: { thread_id: thread } }, update, asNode);
+    return;
+  }
+  if (first === undefined) {
+    const stepOf = (n: string) => (prepared.workflow ? prepared.workflow.stepOfNode(n) : n);
+    // Restarting the step that is due next is the same as continuing.
+    if (latest.next.some((n) => stepOf(n) === step)) return;
+    throw new CairnError(
+      "INVALID_ARGUMENT",
+      `Step "${step}" has not run yet in thread "${thread}", so there is nothing to restart. Continue the thread with \`cairn resume … --thread ${thread}\`.`,
+      { thread, step },
+    );
+  }
+  throw new CairnError(
+    "HISTORY_PRUNED",
+    `The checkpoint before step "${step}" is no longer in thread "${thread}" (pruned), and a plain LangGraph graph records no way to rebuild it. Restart from a later step, or start a new thread.`,
+    { thread, step },
+  );
+}
+
+async function execute(prepared: PreparedRun, store: OpenedStore, thread: string, input: unknown): Promise<RunResult<any>> {
+  try {
+    const values = await prepared.graph.invoke(input as never, {
+      configurable: { thread_id: thread },
+      // "sync": a step's checkpoint is on disk before the next step starts, so a crash loses no finished step.
+      durability: "sync",
+      recursionLimit: 100_000,
+    });
+    return { thread, status: "completed", state: userState(values as Record<string, unknown>), tasksRun: prepared.runtime.taskCount, store: store.uri };
+  } catch (error) {
+    // Only a task's failure is a step failure; store and setup errors keep their own message.
+    if (prepared.runtime.failedTasks.length === 0) throw error;
+    throw await stepFailed(prepared, store, thread, error);
+  }
+}
+
+/** The error for a failed step: which step, why, and what is saved. */
+async function stepFailed(prepared: PreparedRun, store: OpenedStore, thread: string, error: unknown): Promise<CairnError> {
+  const failed = prepared.runtime.failedTasks[0];
+  const cause = error instanceof AggregateError ? (error.errors[0] as unknown) : error;
+  const message = cause instanceof Error ? cause.message : String(cause);
+  const latest = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
+  let stepsSaved = 0;
+  let itemsSaved = 0;
+  let itemsFailed = 0;
+  if (latest) {
+    const history = await readHistory(store.saver, thread);
+    stepsSaved = branchOf(history, latest.checkpoint.id).filter((e) => e.source === "loop").length;
+    itemsFailed = errorWrites(latest).length;
+    itemsSaved = new Set((latest.pendingWrites ?? []).filter(([, ch]) => ch !== "__error__").map(([task]) => task)).size;
+  }
+  const step = failed?.step ?? "unknown";
+  return new CairnError("STEP_FAILED", `Step "${step}" failed: ${message}`, { thread, step, stepsSaved, itemsSaved, itemsFailed, store: store.uri }, { cause });
+}
+
+function prepare(target: RunTarget, store: OpenedStore, thread: string, options: RunCommonOptions): PreparedRun {
+  const signal = options.signal ?? new AbortController().signal;
+  return prepareRun(target, store.saver, thread, signal, options.onEvent ?? (() => {}));
+}
+
+function parseInput(target: RunTarget, input: unknown): unknown {
+  if (typeof target === "object" && target !== null && (target as { kind?: unknown }).kind === "cairn.workflow") {
+    const wf = target as Workflow<any, string>;
+    return wf.parseInput(input ?? wf.defaultInput ?? {});
+  }
+  return input ?? {};
+}
+
+/** Drop cairn's internal channels from a state. */
+export function userState(values: Record<string, unknown>): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(values ?? {})) if (!isInternalChannel(k)) out[k] = v;
+  return out;
+}
+
+function checkThreadId(thread: string): void {
+  if (typeof thread !== "string" || thread.length === 0 || thread.length > 200 || /[\u0000-\u001f]/.test(thread)) {
+    throw new CairnError("INVALID_ARGUMENT", `Invalid thread id ${JSON.stringify(thread)}: use 1–200 printable characters.`, { thread });
+  }
+}
+
+export async function withStore<R>(options: RunCommonOptions, fn: (store: OpenedStore) => Promise<R>): Promise<R> {
+  if (typeof options.store === "object") return fn(options.store);
+  const store = await openStore(options.store, { cwd: options.cwd });
+  try {
+    return await fn(store);
+  } finally {
+    await store.close();
+  }
+}

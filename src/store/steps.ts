@@ -1,0 +1,43 @@
+import { compareChannelVersions, type Checkpoint, type CheckpointTuple } from "@langchain/langgraph-checkpoint";
+
+/**
+ * Facts about a checkpoint that LangGraph's own bookkeeping gives away, for any saver and without the
+ * graph: which nodes ran to produce it, and which are still due to run.
+ */
+
+/** Nodes whose `versions_seen` changed between two checkpoints: the nodes that ran in between. */
+export function nodesThatRan(prev: Checkpoint["versions_seen"] | undefined, next: Checkpoint["versions_seen"]): string[] {
+  const ran: string[] = [];
+  for (const [node, seen] of Object.entries(next)) {
+    if (node.startsWith("__")) continue;
+    if (JSON.stringify(prev?.[node]) !== JSON.stringify(seen)) ran.push(node);
+  }
+  return ran;
+}
+
+/**
+ * Nodes a checkpoint still has to run. In a LangGraph `StateGraph` a node is triggered by its
+ * `branch:to:<node>` channel (the graph's entry by `__start__`), and fan-out tasks wait in
+ * `__pregel_tasks`; a trigger whose version the node has not seen yet is pending work.
+ */
+export function pendingNodes(checkpoint: Checkpoint): string[] {
+  const pending = new Set<string>();
+  for (const [channel, version] of Object.entries(checkpoint.channel_versions)) {
+    let node: string | undefined;
+    if (channel.startsWith("branch:to:")) node = channel.slice("branch:to:".length);
+    else if (channel === "__start__") node = "__start__";
+    if (node === undefined) continue;
+    const seen = checkpoint.versions_seen[node]?.[channel];
+    if (seen === undefined || compareChannelVersions(version, seen) > 0) pending.add(node);
+  }
+  const sends = checkpoint.channel_values["__pregel_tasks"];
+  if (Array.isArray(sends)) for (const s of sends) pending.add(String((s as { node?: unknown }).node ?? "send"));
+  return [...pending];
+}
+
+/** The pending writes of a checkpoint that record a task failure. */
+export function errorWrites(tuple: CheckpointTuple): { task: string; message: string }[] {
+  return (tuple.pendingWrites ?? [])
+    .filter(([, channel]) => channel === "__error__")
+    .map(([task, , value]) => ({ task, message: String((value as { message?: unknown })?.message ?? value) }));
+}

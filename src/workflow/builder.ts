@@ -1,0 +1,392 @@
+import { END, Overwrite, START, Send, StateGraph } from "@langchain/langgraph";
+import { registry } from "@langchain/langgraph/zod";
+import type { RunnableConfig } from "@langchain/core/runnables";
+import { z } from "zod";
+import { CairnError } from "../errors.ts";
+import type { RunRuntime } from "./instrument.ts";
+
+/** Internal channels cairn adds to a workflow's state. Their names start with `__cairn_`. */
+export const DONE_CHANNEL = "__cairn_done";
+export const undoChannel = (step: string) => `__cairn_undo_${step}`;
+export const mapChannel = (step: string) => `__cairn_map_${step}`;
+export const gatherNode = (step: string) => `${step}__gather`;
+export const isInternalChannel = (name: string) => name.startsWith("__cairn_");
+
+/** The record a step leaves the first time it finishes: the values of the fields it changed, as they were. */
+export interface UndoRecord {
+  fields: Record<string, unknown>;
+}
+
+/** A small logger handed to steps; lines reach the run's event stream (and the CLI). */
+export type StepLogger = (message: string) => void;
+
+/** What a step gets besides the state. Kept small on purpose. */
+export interface StepContext {
+  /** The thread this run belongs to. */
+  readonly thread: string;
+  /** The step's name. */
+  readonly step: string;
+  /** Aborted when the run is cancelled. A failing sibling never aborts it. Pass it to model calls. */
+  readonly signal: AbortSignal;
+  readonly log: StepLogger;
+}
+
+/** What a fan-out item gets: the step context plus its position in the list. */
+export interface ItemContext extends StepContext {
+  readonly index: number;
+}
+
+export type StepFn<S> = (state: S, ctx: StepContext) => Promise<Partial<S>> | Partial<S>;
+
+/** Keys of S whose values are arrays: the fields a fan-out can gather into. */
+type ArrayKeys<S> = { [K in keyof S]-?: NonNullable<S[K]> extends readonly unknown[] ? K : never }[keyof S] & string;
+type ElementOf<T> = NonNullable<T> extends readonly (infer E)[] ? E : never;
+
+export interface MapOptions<S, Item, K extends ArrayKeys<S>> {
+  /** The items to fan out over, read from the state when the step starts. */
+  over: (state: S) => readonly Item[];
+  /** One task per item; items run in parallel and each finished item is checkpointed on its own. */
+  run: (item: Item, ctx: ItemContext) => Promise<ElementOf<S[K]>> | ElementOf<S[K]>;
+  /** The state field that receives the results, in item order. */
+  into: K;
+}
+
+export interface StepOptions<S> {
+  /** Run the step only when this holds; otherwise the workflow goes on to the next step. */
+  when?: (state: S) => boolean;
+}
+
+interface StepDef<S> {
+  name: string;
+  kind: "step" | "map";
+  fn?: StepFn<S>;
+  map?: MapOptions<S, unknown, ArrayKeys<S>>;
+  when?: (state: S) => boolean;
+}
+
+/** The end of a route: no further step. */
+export const END_OF_WORKFLOW = "end" as const;
+
+type AnyZodObject = z.ZodObject<z.ZodRawShape>;
+
+export interface WorkflowOptions<Schema extends AnyZodObject> {
+  /** The zod schema of the state. Reducer fields use LangGraph's zod registry (see `appendList`). */
+  state: Schema;
+  /** Used by `cairn run` when no `--input` is given. */
+  defaultInput?: z.input<Schema>;
+  /** A version the workflow declares (bump it when its behaviour changes). */
+  version?: string;
+}
+
+/**
+ * A typed, named-step workflow that compiles to a LangGraph `StateGraph`. Step names accumulate in the
+ * `Names` type parameter, so `fromStep` and routes only accept names the workflow declares.
+ *
+ * @example
+ * ```ts
+ * export default workflow("moral-video", { state: State })
+ *   .step("story_generator", writeStory)
+ *   .map("character_designer", { over: (s) => s.segments, run: designScene, into: "scenes" })
+ *   .step("video_assembler", assemble);
+ * ```
+ */
+export class Workflow<Schema extends AnyZodObject, Names extends string = never> {
+  /** Brand for recognising workflows across module copies. */
+  readonly kind = "cairn.workflow" as const;
+  readonly name: string;
+  readonly schema: Schema;
+  readonly defaultInput: z.input<Schema> | undefined;
+  readonly version: string | undefined;
+  private readonly defs: StepDef<z.infer<Schema>>[];
+  private readonly routes: Map<string, (state: z.infer<Schema>) => string>;
+
+  constructor(
+    name: string,
+    options: WorkflowOptions<Schema>,
+    defs: StepDef<z.infer<Schema>>[] = [],
+    routes = new Map<string, (state: z.infer<Schema>) => string>(),
+  ) {
+    this.name = name;
+    this.schema = options.state;
+    this.defaultInput = options.defaultInput;
+    this.version = options.version;
+    this.defs = defs;
+    this.routes = routes;
+  }
+
+  /** The declared step names, in order. */
+  get steps(): Names[] {
+    return this.defs.map((d) => d.name as Names);
+  }
+
+  /** Add a step: a pure async function from the state to a partial update. */
+  step<N extends string>(name: N, fn: StepFn<z.infer<Schema>>, options: StepOptions<z.infer<Schema>> = {}): Workflow<Schema, Names | N> {
+    return this.add({ name, kind: "step", fn, when: options.when });
+  }
+
+  /** Add a fan-out step: one task per item of `over`, results gathered into `into` in item order. */
+  map<N extends string, Item, K extends ArrayKeys<z.infer<Schema>>>(
+    name: N,
+    options: MapOptions<z.infer<Schema>, Item, K> & StepOptions<z.infer<Schema>>,
+  ): Workflow<Schema, Names | N> {
+    return this.add({ name, kind: "map", map: options as unknown as MapOptions<z.infer<Schema>, unknown, ArrayKeys<z.infer<Schema>>>, when: options.when });
+  }
+
+  /**
+   * Decide where the workflow goes after `from` (a branch, or a loop back to an earlier step). Without a
+   * route a step is followed by the next declared step.
+   */
+  route(from: Names, to: (state: z.infer<Schema>) => Names | typeof END_OF_WORKFLOW): Workflow<Schema, Names> {
+    if (!this.defs.some((d) => d.name === from)) throw unknownStep(this.name, from, this.steps);
+    const routes = new Map(this.routes);
+    routes.set(from, to);
+    return new Workflow<Schema, Names>(this.name, this.options(), this.defs, routes);
+  }
+
+  private options(): WorkflowOptions<Schema> {
+    return { state: this.schema, defaultInput: this.defaultInput, version: this.version };
+  }
+
+  private add<N extends string>(def: StepDef<z.infer<Schema>>): Workflow<Schema, Names | N> {
+    if (!/^[A-Za-z][A-Za-z0-9_-]*$/.test(def.name)) {
+      throw new CairnError(
+        "INVALID_ARGUMENT",
+        `Step name "${def.name}" in workflow "${this.name}" is not allowed: use letters, digits, "_" and "-", starting with a letter.`,
+        { step: def.name },
+      );
+    }
+    if (this.defs.some((d) => d.name === def.name)) {
+      throw new CairnError("INVALID_ARGUMENT", `Workflow "${this.name}" already has a step named "${def.name}". Step names must be unique.`, {
+        step: def.name,
+      });
+    }
+    if (def.name in this.schema.shape) {
+      throw new CairnError(
+        "INVALID_ARGUMENT",
+        `Step "${def.name}" in workflow "${this.name}" has the same name as a state field; LangGraph needs them distinct. Rename the step (e.g. "${def.name}_step") or the field.`,
+        { step: def.name },
+      );
+    }
+    if (def.kind === "map" && !(def.map!.into in this.schema.shape)) {
+      throw new CairnError(
+        "INVALID_ARGUMENT",
+        `Fan-out step "${def.name}" gathers into "${def.map!.into}", which is not a field of the state schema.`,
+        { step: def.name },
+      );
+    }
+    return new Workflow<Schema, Names | N>(this.name, this.options(), [...this.defs, def], this.routes);
+  }
+
+  /** Validate an input against the state schema; throws INVALID_INPUT listing the fields at fault. */
+  parseInput(input: unknown): z.infer<Schema> {
+    const result = this.schema.safeParse(input ?? {});
+    if (!result.success) {
+      throw new CairnError(
+        "INVALID_INPUT",
+        `Input for workflow "${this.name}" does not match its state schema:\n${z.prettifyError(result.error)}`,
+        { fields: result.error.issues.map((i) => i.path.join(".")) },
+        { cause: result.error },
+      );
+    }
+    return result.data;
+  }
+
+  /** The step a graph node belongs to (a fan-out's gather node belongs to the fan-out). */
+  stepOfNode(node: string): string {
+    for (const d of this.defs) if (d.kind === "map" && node === gatherNode(d.name)) return d.name;
+    return node;
+  }
+
+  /** The node that starts a step in the graph. */
+  isMapStep(step: string): boolean {
+    return this.defs.some((d) => d.name === step && d.kind === "map");
+  }
+
+  /** The node to attribute a restored state to so that routing continues at the step after `step`. */
+  lastNodeOf(step: string): string {
+    return this.isMapStep(step) ? gatherNode(step) : step;
+  }
+
+  /** Run one step on a state without a graph or a store: for trying a change before rerunning. */
+  async runStepAlone(step: Names, state: z.infer<Schema>, ctx: Omit<StepContext, "step">): Promise<Partial<z.infer<Schema>>> {
+    const def = this.defs.find((d) => d.name === step);
+    if (!def) throw unknownStep(this.name, step, this.steps);
+    const stepCtx = { ...ctx, step };
+    if (def.kind === "step") return this.checkUpdate(step, await def.fn!(state, stepCtx));
+    const items = def.map!.over(state);
+    const results = await Promise.all(items.map((item, index) => def.map!.run(item, { ...stepCtx, index })));
+    return { [def.map!.into]: results } as Partial<z.infer<Schema>>;
+  }
+
+  /**
+   * Build the LangGraph `StateGraph` for one run. Every step is entered through a conditional route that
+   * consults the state, and every step records in the state that it finished (and, the first time, the
+   * values it replaced), so a restart from a named step works from the latest state alone.
+   */
+  toStateGraph(runtime: RunRuntime): StateGraph<any, any, any, any, any, any> {
+    type S = z.infer<Schema>;
+    const userKeys = new Set(Object.keys(this.schema.shape));
+    const internal: Record<string, z.ZodType> = {
+      [DONE_CHANNEL]: z
+        .array(z.string())
+        .register(registry, { reducer: { fn: (a: string[], b: string[]) => [...a, ...b.filter((x) => !a.includes(x))] }, default: () => [] }),
+    };
+    for (const d of this.defs) {
+      internal[undoChannel(d.name)] = z.any().optional();
+      if (d.kind === "map") {
+        internal[mapChannel(d.name)] = z
+          .array(z.any())
+          .register(registry, { reducer: { fn: (a: unknown[], b: unknown[]) => a.concat(b) }, default: () => [] });
+      }
+    }
+    const schema = this.schema.extend(internal);
+    const graph = new StateGraph(schema) as unknown as StateGraph<any, any, any, any, any, any>;
+    const names = this.defs.map((d) => d.name);
+    const userView = (state: Record<string, unknown>): S => {
+      const view: Record<string, unknown> = {};
+      for (const k of Object.keys(state)) if (!isInternalChannel(k)) view[k] = state[k];
+      return view as S;
+    };
+    const ctxFor = (step: string, config: RunnableConfig): StepContext => ({
+      thread: String(config.configurable?.thread_id ?? runtime.thread),
+      step,
+      signal: runtime.signal,
+      log: (message) => runtime.emit({ type: "log", thread: runtime.thread, step, message }),
+    });
+    /** The done mark, and on the first run the undo record, that go with a step's update. */
+    const bookkeeping = (step: string, state: Record<string, unknown>, changed: string[]) => {
+      const done = (state[DONE_CHANNEL] as string[] | undefined) ?? [];
+      if (done.includes(step)) return {};
+      const fields: Record<string, unknown> = {};
+      for (const k of changed) if (state[k] !== undefined) fields[k] = state[k];
+      return { [DONE_CHANNEL]: [step], [undoChannel(step)]: { fields } satisfies UndoRecord };
+    };
+
+    for (const def of this.defs) {
+      if (def.kind === "step") {
+        graph.addNode(def.name, async (state: Record<string, unknown>, config: RunnableConfig) =>
+          runtime.task(def.name, undefined, async () => {
+            const update = this.checkUpdate(def.name, await def.fn!(userView(state), ctxFor(def.name, config)));
+            return { ...update, ...bookkeeping(def.name, state, Object.keys(update)) };
+          }),
+        );
+      } else {
+        const map = def.map!;
+        graph.addNode(def.name, async (arg: { __cairn_item: unknown; __cairn_index: number }, config: RunnableConfig) =>
+          runtime.task(def.name, arg.__cairn_index, async () => {
+            const ctx: ItemContext = { ...ctxFor(def.name, config), index: arg.__cairn_index };
+            const result = await map.run(arg.__cairn_item, ctx);
+            return { [mapChannel(def.name)]: [{ i: arg.__cairn_index, r: result }] };
+          }),
+        );
+        graph.addNode(gatherNode(def.name), async (state: Record<string, unknown>) =>
+          runtime.task(gatherNode(def.name), undefined, async () => {
+            const parts = ((state[mapChannel(def.name)] as { i: number; r: unknown }[] | undefined) ?? []).slice();
+            parts.sort((a, b) => a.i - b.i);
+            return {
+              [map.into]: parts.map((p) => p.r),
+              [mapChannel(def.name)]: new Overwrite([]),
+              ...bookkeeping(def.name, state, [map.into]),
+            };
+          }),
+        );
+      }
+    }
+
+    /** Where to go when entering `target`: its node, its fan-out, or (when skipped) on past it. */
+    const enter = (target: string, state: S): string | Send[] => {
+      let i = names.indexOf(target);
+      while (i !== -1 && i < this.defs.length) {
+        const def = this.defs[i]!;
+        if (def.when && !def.when(state)) {
+          // A skipped step goes on as if it had run and found nothing to do.
+          const route = this.routes.get(def.name);
+          if (route) return enter(route(state), state);
+          i += 1;
+          continue;
+        }
+        if (def.kind === "step") return def.name;
+        const items = def.map!.over(state);
+        if (items.length === 0) return gatherNode(def.name);
+        return items.map((item, index) => new Send(def.name, { __cairn_item: item, __cairn_index: index }));
+      }
+      return END;
+    };
+    const after = (step: string) => (state: Record<string, unknown>) => {
+      const s = userView(state);
+      const route = this.routes.get(step);
+      if (route) {
+        const target = route(s);
+        if (target === END_OF_WORKFLOW || target === END) return END;
+        if (!names.includes(target)) throw unknownStep(this.name, target, this.steps);
+        return enter(target, s);
+      }
+      const i = names.indexOf(step);
+      return i + 1 < names.length ? enter(names[i + 1]!, s) : END;
+    };
+    const destinations = [...this.defs.flatMap((d) => (d.kind === "map" ? [d.name, gatherNode(d.name)] : [d.name])), END];
+    graph.addConditionalEdges(START, (state: Record<string, unknown>) => (names.length ? enter(names[0]!, userView(state)) : END), destinations);
+    for (const def of this.defs) {
+      if (def.kind === "map") graph.addEdge(def.name, gatherNode(def.name));
+      graph.addConditionalEdges(this.lastNodeOf(def.name), after(def.name), destinations);
+    }
+    void userKeys;
+    return graph;
+  }
+
+  private checkUpdate(step: string, update: unknown): Partial<z.infer<Schema>> {
+    if (update === undefined || update === null) return {};
+    if (typeof update !== "object" || Array.isArray(update)) {
+      throw new CairnError("INVALID_ARGUMENT", `Step "${step}" returned ${Array.isArray(update) ? "an array" : typeof update}; a step returns an object of state fields to update.`, {
+        step,
+      });
+    }
+    const unknownKeys = Object.keys(update).filter((k) => !(k in this.schema.shape));
+    if (unknownKeys.length) {
+      throw new CairnError(
+        "INVALID_ARGUMENT",
+        `Step "${step}" returned field(s) ${unknownKeys.map((k) => `"${k}"`).join(", ")} that the state schema of "${this.name}" does not declare. Add them to the schema or stop returning them.`,
+        { step },
+      );
+    }
+    const result = this.schema.partial().safeParse(update);
+    if (!result.success) {
+      throw new CairnError("INVALID_ARGUMENT", `Step "${step}" returned an update that does not match the state schema (output of the step):\n${z.prettifyError(result.error)}`, { step }, { cause: result.error });
+    }
+    return update as Partial<z.infer<Schema>>;
+  }
+}
+
+/**
+ * Start a workflow: a name and a zod state schema; add steps with `.step`, `.map` and `.route`.
+ *
+ * @example
+ * ```ts
+ * const State = z.object({ topic: z.string(), story: z.string().optional() });
+ * export default workflow("story", { state: State, defaultInput: { topic: "honesty" } })
+ *   .step("write", async (s) => ({ story: `A tale of ${s.topic}` }));
+ * ```
+ */
+export function workflow<Schema extends AnyZodObject>(name: string, options: WorkflowOptions<Schema>): Workflow<Schema, never> {
+  return new Workflow(name, options);
+}
+
+/** An array field that accumulates: each update is appended (the reducer LangGraph applies to it). */
+export function appendList<T extends z.ZodType>(item: T) {
+  return z
+    .array(item)
+    .default([])
+    .register(registry, { reducer: { fn: (a: z.infer<T>[], b: z.infer<T>[] | z.infer<T>) => a.concat(b as z.infer<T>[]) }, default: () => [] as z.infer<T>[] });
+}
+
+export function unknownStep(workflowName: string, step: string, valid: readonly string[]): CairnError {
+  return new CairnError(
+    "UNKNOWN_STEP",
+    `Unknown step "${step}" in workflow "${workflowName}". Valid steps: ${valid.join(", ")}.`,
+    { step, valid: [...valid] },
+  );
+}
+
+export function isWorkflow(value: unknown): value is Workflow<AnyZodObject, string> {
+  return typeof value === "object" && value !== null && (value as { kind?: unknown }).kind === "cairn.workflow";
+}

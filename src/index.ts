@@ -1,2 +1,29 @@
-export { FileCheckpointSaver, FILE_STORE_FORMAT_VERSION, type FileCheckpointSaverOptions } from "./store/file.ts";
-export { CairnError, isCairnError, type CairnErrorCode, type CairnErrorDetails } from "./errors.ts";
+// Authoring
+export { workflow, appendList, Workflow, END_OF_WORKFLOW } from "./workflow/builder.ts";
+export type { StepContext, ItemContext, StepFn, StepLogger, MapOptions, StepOptions, WorkflowOptions } from "./workflow/builder.ts";
+export type { RunEvent } from "./workflow/instrument.ts";
+
+// Running
+export { run, resume } from "./run/run.ts";
+export type { RunResult, StartOptions, ResumeOptions, RunCommonOptions, StepName, StateOf } from "./run/run.ts";
+export { open } from "./run/notebook.ts";
+export type { ThreadHandle } from "./run/notebook.ts";
+export { loadGraph } from "./run/load.ts";
+export type { RunTarget } from "./run/prepare.ts";
+export type { CairnMetadata } from "./run/recording.ts";
+
+// Reading
+export { readHistory, statusOf } from "./inspect/history.ts";
+export type { HistoryEntry, ThreadStatus, ThreadSummary } from "./inspect/history.ts";
+export { stateAt, listThreads } from "./inspect/state.ts";
+export type { StateAt } from "./inspect/state.ts";
+
+// Stores
+export { FileCheckpointSaver, FILE_STORE_FORMAT_VERSION } from "./store/file.ts";
+export type { FileCheckpointSaverOptions } from "./store/file.ts";
+export { openStore, DEFAULT_STORE_URI } from "./store/open.ts";
+export type { OpenedStore, StoreKind } from "./store/open.ts";
+
+// Errors
+export { CairnError, isCairnError, USAGE_ERROR_CODES } from "./errors.ts";
+export type { CairnErrorCode, CairnErrorDetails } from "./errors.ts";

@@ -1,7 +1,7 @@
 import { RunnableLambda, type Runnable, type RunnableConfig } from "@langchain/core/runnables";
 import { StateGraph, type BaseCheckpointSaver } from "@langchain/langgraph";
 import { CairnError } from "../errors.ts";
-import { isWorkflow, type Workflow } from "../workflow/builder.ts";
+import { isWorkflow, taskIdOf, type Workflow } from "../workflow/builder.ts";
 import { RunRuntime, type RunEvent } from "../workflow/instrument.ts";
 import { RecordingSaver } from "./recording.ts";
 
@@ -92,7 +92,7 @@ function compileInstrumented(builder: StateGraph<any, any, any, any, any, any>, 
     originals.set(name, spec.runnable);
     const inner = spec.runnable;
     spec.runnable = RunnableLambda.from(async (input: unknown, config?: RunnableConfig) =>
-      runtime.task(name, undefined, () => inner.invoke(input, { ...config, signal: runtime.signal })),
+      runtime.task(name, undefined, taskIdOf(config), () => inner.invoke(input, { ...config, signal: runtime.signal })),
     ).withConfig({ runName: name }) as unknown as Runnable;
   }
   try {

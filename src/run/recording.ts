@@ -50,8 +50,9 @@ export class RecordingSaver extends BaseCheckpointSaver {
     return this.inner.list(config, options);
   }
 
-  putWrites(config: RunnableConfig, writes: PendingWrite[], taskId: string, taskPath?: string): Promise<void> {
-    return this.inner.putWrites(config, writes, taskId, taskPath);
+  async putWrites(config: RunnableConfig, writes: PendingWrite[], taskId: string, taskPath?: string): Promise<void> {
+    await this.inner.putWrites(config, writes, taskId, taskPath);
+    this.runtime.settled(taskId);
   }
 
   deleteThread(threadId: string): Promise<void> {
@@ -92,6 +93,7 @@ export class RecordingSaver extends BaseCheckpointSaver {
       step,
       durationMs,
       tasks: tasks.length,
+      internal: tasks.length > 0 && tasks.every((t) => t.node !== t.step),
     });
     return saved;
   }

@@ -6,7 +6,7 @@ import { branchOf, latestTuple, readHistory, statusOf } from "../inspect/history
 import { openStore, type OpenedStore } from "../store/open.ts";
 import { errorWrites } from "../store/steps.ts";
 import { DONE_CHANNEL, isInternalChannel, undoChannel, unknownStep, type UndoRecord, type Workflow } from "../workflow/builder.ts";
-import type { RunEvent } from "../workflow/instrument.ts";
+import { attemptKey, type RunEvent } from "../workflow/instrument.ts";
 import { describeTarget, prepareRun, type PreparedRun, type RunTarget } from "./prepare.ts";
 
 /** The step names of a target: literal for a cairn workflow, any string for a plain StateGraph. */
@@ -23,10 +23,12 @@ export interface RunCommonOptions {
   onEvent?: (event: RunEvent) => void;
   /** Cancels the run: running steps see their `ctx.signal` aborted. */
   signal?: AbortSignal;
+  /** Called once the thread and store are settled, before any step runs. */
+  onStart?: (info: { thread: string; store: string; skipped: string[] }) => void;
 }
 
 export interface StartOptions extends RunCommonOptions {
-  /** The input; validated against the workflow's schema before anything is written. */
+  /** The input, laid over the workflow's `defaultInput`; validated against its schema before anything is written. */
   input?: unknown;
   /** The thread id; generated when absent. Must not exist yet. */
   thread?: string;
@@ -72,6 +74,7 @@ export async function run<T extends RunTarget>(target: T, options: StartOptions 
       );
     }
     const prepared = prepare(target, store, thread, options);
+    options.onStart?.({ thread, store: store.uri, skipped: [] });
     return execute(prepared, store, thread, input);
   });
 }
@@ -112,17 +115,13 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
       }
       prepared.saver.nextLabel = "fork";
       await prepared.graph.updateState(at.config, undefined, "__copy__");
-      return execute(prepared, store, thread, null);
-    }
-    if (fromStep !== undefined) {
+    } else if (fromStep !== undefined) {
       await rewindTo(prepared, store, thread, fromStep);
-      return execute(prepared, store, thread, null);
-    }
-    const { status } = statusOf(latest);
-    if (status === "completed") {
+    } else if (statusOf(latest).status === "completed") {
       const snapshot = await prepared.graph.getState(config);
       return { thread, status: "already-completed", state: userState(snapshot.values) as StateOf<T>, tasksRun: 0, store: store.uri };
     }
+    options.onStart?.({ thread, store: store.uri, skipped: await finishedSteps(prepared, store, thread) });
     return execute(prepared, store, thread, null);
   });
 }
@@ -146,24 +145,15 @@ async function rewindTo(prepared: PreparedRun, store: OpenedStore, thread: strin
     }
   }
   const latest = await prepared.graph.getState({ configurable: { thread_id: thread } });
-  const values = latest.values as Record<string, unknown>;
-  const done = (values[DONE_CHANNEL] as string[] | undefined) ?? [];
-  const at = done.indexOf(step);
-  if (prepared.workflow && at !== -1) {
-    const undone = done.slice(at);
-    const restored: Record<string, unknown> = {};
-    // Latest step first, so the earliest step's record (the value before `step` ran) is the one that stays.
-    for (const s of [...undone].reverse()) {
-      const undo = values[undoChannel(s)] as UndoRecord | undefined | null;
-      for (const [k, v] of Object.entries(undo?.fields ?? {})) restored[k] = v;
-    }
+  const rebuilt = prepared.workflow ? rebuildBefore(latest.values as Record<string, unknown>, step) : undefined;
+  if (prepared.workflow && rebuilt) {
     const update: Record<string, unknown> = {};
-    for (const [k, v] of Object.entries(restored)) update[k] = prepared.isReducer(k) ? new Overwrite(v) : v;
-    update[DONE_CHANNEL] = new Overwrite(done.slice(0, at));
-    for (const s of undone) update[undoChannel(s)] = null;
-    const asNode = at === 0 ? START : prepared.workflow.lastNodeOf(done[at - 1]!);
+    for (const [k, v] of Object.entries(rebuilt.fields)) update[k] = prepared.isReducer(k) ? new Overwrite(v) : v;
+    update[DONE_CHANNEL] = new Overwrite(rebuilt.doneBefore);
+    for (const s of rebuilt.undone) update[undoChannel(s)] = null;
+    const last = rebuilt.doneBefore[rebuilt.doneBefore.length - 1];
     prepared.saver.nextLabel = `restart:${step}`;
-    await prepared.graph.updateState({ configurable: { thread_id: thread } }, update, asNode);
+    await prepared.graph.updateState({ configurable: { thread_id: thread } }, update, last === undefined ? START : prepared.workflow.lastNodeOf(last));
     return;
   }
   if (first === undefined) {
@@ -183,7 +173,40 @@ async function rewindTo(prepared: PreparedRun, store: OpenedStore, thread: strin
   );
 }
 
+/** Steps already finished on the thread's current branch: the work a resume does not redo. */
+async function finishedSteps(prepared: PreparedRun, store: OpenedStore, thread: string): Promise<string[]> {
+  if (prepared.workflow) {
+    const snapshot = await prepared.graph.getState({ configurable: { thread_id: thread } });
+    return [...(((snapshot.values as Record<string, unknown>)[DONE_CHANNEL] as string[] | undefined) ?? [])];
+  }
+  const history = await readHistory(store.saver, thread);
+  const branch = branchOf(history, history[history.length - 1]!.id);
+  return [...new Set(branch.filter((e) => e.source === "loop" && prepared.steps.includes(e.step)).map((e) => e.step))];
+}
+
+/**
+ * The state before `step` first ran, rebuilt from a later state of a cairn workflow: every step records,
+ * the first time it finishes, the values of the fields it replaced. Undefined if `step` has not finished.
+ */
+export function rebuildBefore(
+  values: Record<string, unknown>,
+  step: string,
+): { fields: Record<string, unknown>; doneBefore: string[]; undone: string[] } | undefined {
+  const done = (values[DONE_CHANNEL] as string[] | undefined) ?? [];
+  const at = done.indexOf(step);
+  if (at === -1) return undefined;
+  const undone = done.slice(at);
+  const fields: Record<string, unknown> = {};
+  // Latest step first, so the earliest step's record (the value before `step` ran) is the one that stays.
+  for (const s of [...undone].reverse()) {
+    const undo = values[undoChannel(s)] as UndoRecord | undefined | null;
+    for (const [k, v] of Object.entries(undo?.fields ?? {})) fields[k] = v;
+  }
+  return { fields, doneBefore: done.slice(0, at), undone };
+}
+
 async function execute(prepared: PreparedRun, store: OpenedStore, thread: string, input: unknown): Promise<RunResult<any>> {
+  if (input === null) await recordPreviousFailures(prepared, thread);
   try {
     const values = await prepared.graph.invoke(input as never, {
       configurable: { thread_id: thread },
@@ -199,6 +222,17 @@ async function execute(prepared: PreparedRun, store: OpenedStore, thread: string
   }
 }
 
+/** Tell the runtime which due tasks failed before, so steps can see `ctx.attempt`. */
+async function recordPreviousFailures(prepared: PreparedRun, thread: string): Promise<void> {
+  const snapshot = await prepared.graph.getState({ configurable: { thread_id: thread } });
+  for (const task of snapshot.tasks) {
+    if (!task.error) continue;
+    const item = task.path?.[0] === "__pregel_push" && typeof task.path[1] === "number" ? task.path[1] : undefined;
+    const key = attemptKey(task.name, item);
+    prepared.runtime.previousFailures.set(key, (prepared.runtime.previousFailures.get(key) ?? 0) + 1);
+  }
+}
+
 /** The error for a failed step: which step, why, and what is saved. */
 async function stepFailed(prepared: PreparedRun, store: OpenedStore, thread: string, error: unknown): Promise<CairnError> {
   const failed = prepared.runtime.failedTasks[0];
@@ -209,8 +243,7 @@ async function stepFailed(prepared: PreparedRun, store: OpenedStore, thread: str
   let itemsSaved = 0;
   let itemsFailed = 0;
   if (latest) {
-    const history = await readHistory(store.saver, thread);
-    stepsSaved = branchOf(history, latest.checkpoint.id).filter((e) => e.source === "loop").length;
+    stepsSaved = (await finishedSteps(prepared, store, thread)).length;
     itemsFailed = errorWrites(latest).length;
     itemsSaved = new Set((latest.pendingWrites ?? []).filter(([, ch]) => ch !== "__error__").map(([task]) => task)).size;
   }
@@ -226,7 +259,10 @@ function prepare(target: RunTarget, store: OpenedStore, thread: string, options:
 function parseInput(target: RunTarget, input: unknown): unknown {
   if (typeof target === "object" && target !== null && (target as { kind?: unknown }).kind === "cairn.workflow") {
     const wf = target as Workflow<any, string>;
-    return wf.parseInput(input ?? wf.defaultInput ?? {});
+    // The given input is laid over the workflow's default input, field by field.
+    const given = input === undefined ? {} : input;
+    if (typeof given !== "object" || given === null || Array.isArray(given)) return wf.parseInput(given);
+    return wf.parseInput({ ...(wf.defaultInput ?? {}), ...given });
   }
   return input ?? {};
 }

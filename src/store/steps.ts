@@ -17,8 +17,9 @@ export function nodesThatRan(prev: Checkpoint["versions_seen"] | undefined, next
 
 /**
  * Nodes a checkpoint still has to run. In a LangGraph `StateGraph` a node is triggered by its
- * `branch:to:<node>` channel (the graph's entry by `__start__`), and fan-out tasks wait in
- * `__pregel_tasks`; a trigger whose version the node has not seen yet is pending work.
+ * `branch:to:<node>` channel (the graph's entry by `__start__`); a trigger is pending while the channel
+ * still holds a value the node has not seen (LangGraph clears it, with a new version, once consumed).
+ * Fan-out tasks wait in `__pregel_tasks`.
  */
 export function pendingNodes(checkpoint: Checkpoint): string[] {
   const pending = new Set<string>();
@@ -26,7 +27,7 @@ export function pendingNodes(checkpoint: Checkpoint): string[] {
     let node: string | undefined;
     if (channel.startsWith("branch:to:")) node = channel.slice("branch:to:".length);
     else if (channel === "__start__") node = "__start__";
-    if (node === undefined) continue;
+    if (node === undefined || checkpoint.channel_values[channel] === undefined) continue;
     const seen = checkpoint.versions_seen[node]?.[channel];
     if (seen === undefined || compareChannelVersions(version, seen) > 0) pending.add(node);
   }

@@ -29,6 +29,8 @@ export interface StepContext {
   /** Aborted when the run is cancelled. A failing sibling never aborts it. Pass it to model calls. */
   readonly signal: AbortSignal;
   readonly log: StepLogger;
+  /** 1 on a step's first try; 2 or more when an earlier try of it (or of this item) in this thread failed. */
+  readonly attempt: number;
 }
 
 /** What a fan-out item gets: the step context plus its position in the list. */
@@ -208,10 +210,10 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
   }
 
   /** Run one step on a state without a graph or a store: for trying a change before rerunning. */
-  async runStepAlone(step: Names, state: z.infer<Schema>, ctx: Omit<StepContext, "step">): Promise<Partial<z.infer<Schema>>> {
+  async runStepAlone(step: Names, state: z.infer<Schema>, ctx: Omit<StepContext, "step" | "attempt">): Promise<Partial<z.infer<Schema>>> {
     const def = this.defs.find((d) => d.name === step);
     if (!def) throw unknownStep(this.name, step, this.steps);
-    const stepCtx = { ...ctx, step };
+    const stepCtx = { ...ctx, step, attempt: 1 };
     if (def.kind === "step") return this.checkUpdate(step, await def.fn!(state, stepCtx));
     const items = def.map!.over(state);
     const results = await Promise.all(items.map((item, index) => def.map!.run(item, { ...stepCtx, index })));
@@ -247,11 +249,12 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
       for (const k of Object.keys(state)) if (!isInternalChannel(k)) view[k] = state[k];
       return view as S;
     };
-    const ctxFor = (step: string, config: RunnableConfig): StepContext => ({
+    const ctxFor = (step: string, config: RunnableConfig, item?: number): StepContext => ({
       thread: String(config.configurable?.thread_id ?? runtime.thread),
       step,
       signal: runtime.signal,
-      log: (message) => runtime.emit({ type: "log", thread: runtime.thread, step, message }),
+      log: (message) => runtime.emit({ type: "log", thread: runtime.thread, step, item, message }),
+      attempt: runtime.attemptOf(step, item),
     });
     /** The done mark, and on the first run the undo record, that go with a step's update. */
     const bookkeeping = (step: string, state: Record<string, unknown>, changed: string[]) => {
@@ -265,7 +268,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
     for (const def of this.defs) {
       if (def.kind === "step") {
         graph.addNode(def.name, async (state: Record<string, unknown>, config: RunnableConfig) =>
-          runtime.task(def.name, undefined, async () => {
+          runtime.task(def.name, undefined, taskIdOf(config), async () => {
             const update = this.checkUpdate(def.name, await def.fn!(userView(state), ctxFor(def.name, config)));
             return { ...update, ...bookkeeping(def.name, state, Object.keys(update)) };
           }),
@@ -273,14 +276,14 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
       } else {
         const map = def.map!;
         graph.addNode(def.name, async (arg: { __cairn_item: unknown; __cairn_index: number }, config: RunnableConfig) =>
-          runtime.task(def.name, arg.__cairn_index, async () => {
-            const ctx: ItemContext = { ...ctxFor(def.name, config), index: arg.__cairn_index };
+          runtime.task(def.name, arg.__cairn_index, taskIdOf(config), async () => {
+            const ctx: ItemContext = { ...ctxFor(def.name, config, arg.__cairn_index), index: arg.__cairn_index };
             const result = await map.run(arg.__cairn_item, ctx);
             return { [mapChannel(def.name)]: [{ i: arg.__cairn_index, r: result }] };
           }),
         );
-        graph.addNode(gatherNode(def.name), async (state: Record<string, unknown>) =>
-          runtime.task(gatherNode(def.name), undefined, async () => {
+        graph.addNode(gatherNode(def.name), async (state: Record<string, unknown>, config: RunnableConfig) =>
+          runtime.task(gatherNode(def.name), undefined, taskIdOf(config), async () => {
             const parts = ((state[mapChannel(def.name)] as { i: number; r: unknown }[] | undefined) ?? []).slice();
             parts.sort((a, b) => a.i - b.i);
             return {
@@ -385,6 +388,12 @@ export function unknownStep(workflowName: string, step: string, valid: readonly 
     `Unknown step "${step}" in workflow "${workflowName}". Valid steps: ${valid.join(", ")}.`,
     { step, valid: [...valid] },
   );
+}
+
+/** The id LangGraph gives the running task (the key its writes are saved under). */
+export function taskIdOf(config: RunnableConfig | undefined): string | undefined {
+  const id = config?.configurable?.["__pregel_task_id"];
+  return typeof id === "string" ? id : undefined;
 }
 
 export function isWorkflow(value: unknown): value is Workflow<AnyZodObject, string> {

@@ -6,7 +6,9 @@
  * Why the wait: LangGraph aborts a superstep's shared signal on the first task error, and the runnable
  * layer then discards every sibling that finishes afterwards, so a fan-out of 200 items with one failure
  * reruns all 200 on resume. Holding the error until the siblings settle lets their results be saved as
- * pending writes first, so the resume reruns only the failed item.
+ * pending writes first, so the resume reruns only the failed item. "Saved" is judged by the saver seeing
+ * the sibling's writes, not by its node function returning: LangGraph still has to run the task's
+ * writers after that, and an abort in between would turn a finished item into a failed one.
  */
 
 /** Events a run emits; the CLI renders them and programs can subscribe. */
@@ -15,7 +17,16 @@ export type RunEvent =
   | { type: "task:end"; thread: string; node: string; step: string; item?: number; durationMs: number }
   | { type: "task:error"; thread: string; node: string; step: string; item?: number; durationMs: number; error: Error }
   | { type: "log"; thread: string; step: string; item?: number; message: string }
-  | { type: "checkpoint"; thread: string; checkpoint: string; step: string; durationMs: number; tasks: number };
+  | {
+      type: "checkpoint";
+      thread: string;
+      checkpoint: string;
+      step: string;
+      durationMs: number;
+      tasks: number;
+      /** True when only cairn's own bookkeeping ran (a fan-out gathering its results). */
+      internal: boolean;
+    };
 
 /** Finished tasks since the last checkpoint, drained by the run's recording saver. */
 export interface TaskRecord {
@@ -33,9 +44,14 @@ export class RunRuntime {
   readonly failedTasks: TaskRecord[] = [];
   /** Tasks started in this run. */
   taskCount = 0;
-  private inflight = 0;
-  private failedWaiting = 0;
+  /** Failures recorded in the thread before this run, by `attemptKey`: earlier attempts of a step or item. */
+  previousFailures = new Map<string, number>();
+  /** Started tasks whose writes are not yet saved. */
+  private unsettled = new Set<string>();
+  /** Failed tasks holding back their error until their siblings are saved. */
+  private holding = new Set<string>();
   private waiters: (() => void)[] = [];
+  private anonymous = 0;
 
   constructor(
     readonly thread: string,
@@ -47,12 +63,16 @@ export class RunRuntime {
     readonly now: () => number = Date.now,
   ) {}
 
-  /** Run one task: time it, report it, and on failure wait for running siblings before rethrowing. */
-  async task<T>(node: string, item: number | undefined, fn: () => Promise<T>): Promise<T> {
+  /**
+   * Run one task: time it, report it, and on failure hold the error until every sibling task that is
+   * still running has finished and had its writes saved (see `settled`), then rethrow.
+   */
+  async task<T>(node: string, item: number | undefined, taskId: string | undefined, fn: () => Promise<T>): Promise<T> {
+    const id = taskId ?? `anonymous-${(this.anonymous += 1)}`;
     const step = this.stepOf(node);
     const startedAt = this.now();
-    this.inflight += 1;
     this.taskCount += 1;
+    if (taskId !== undefined) this.unsettled.add(id);
     this.emit({ type: "task:start", thread: this.thread, node, step, item });
     try {
       const result = await fn();
@@ -67,17 +87,26 @@ export class RunRuntime {
       this.failedTasks.push(record);
       const err = error instanceof Error ? error : new Error(String(error));
       this.emit({ type: "task:error", thread: this.thread, node, step, item, durationMs: endedAt - startedAt, error: err });
-      this.failedWaiting += 1;
+      this.holding.add(id);
+      this.wake();
       try {
-        await this.untilOnlyFailuresRemain();
+        await this.untilSiblingsSaved();
       } finally {
-        this.failedWaiting -= 1;
+        this.holding.delete(id);
+        this.unsettled.delete(id);
       }
       throw error;
-    } finally {
-      this.inflight -= 1;
-      this.wake();
     }
+  }
+
+  /** The run's saver calls this once a task's writes are durably saved. */
+  settled(taskId: string): void {
+    if (this.unsettled.delete(taskId)) this.wake();
+  }
+
+  /** Which attempt this is of a step (or of one item of a fan-out): 1 unless an earlier one failed. */
+  attemptOf(node: string, item: number | undefined): number {
+    return 1 + (this.previousFailures.get(attemptKey(node, item)) ?? 0);
   }
 
   /** Take the tasks finished since the last call (one superstep's worth under sync durability). */
@@ -85,11 +114,16 @@ export class RunRuntime {
     return this.finished.splice(0);
   }
 
-  private untilOnlyFailuresRemain(): Promise<void> {
+  private untilSiblingsSaved(): Promise<void> {
     return new Promise((resolve) => {
       const check = () => {
-        if (this.inflight - this.failedWaiting <= 0) resolve();
-        else this.waiters.push(check);
+        for (const id of this.unsettled) {
+          if (!this.holding.has(id)) {
+            this.waiters.push(check);
+            return;
+          }
+        }
+        resolve();
       };
       check();
     });
@@ -104,4 +138,8 @@ export class RunRuntime {
   toJSON(): string {
     return "[cairn RunRuntime]";
   }
+}
+
+export function attemptKey(node: string, item: number | undefined): string {
+  return item === undefined ? node : `${node}#${item}`;
 }

@@ -1,0 +1,94 @@
+import { BaseChatModel, type BaseChatModelParams } from "@langchain/core/language_models/chat_models";
+import { AIMessage, type BaseMessage } from "@langchain/core/messages";
+import type { ChatResult } from "@langchain/core/outputs";
+
+/**
+ * A deterministic stand-in for a chat model, so the example graphs run offline with no API key. It is a
+ * real @langchain/core chat model: steps call it exactly as they would call a hosted one. The same prompt
+ * and seed always give the same text; each call waits `delayMs` (honouring the abort signal) and reports
+ * token usage like a hosted model does.
+ */
+export class StandInChatModel extends BaseChatModel {
+  private readonly seed: number;
+  private readonly delayMs: number;
+
+  constructor(fields: BaseChatModelParams & { seed?: number; delayMs?: number } = {}) {
+    super(fields);
+    this.seed = fields.seed ?? 7;
+    this.delayMs = fields.delayMs ?? 100;
+  }
+
+  _llmType(): string {
+    return "cairn-stand-in";
+  }
+
+  async _generate(messages: BaseMessage[], options: this["ParsedCallOptions"]): Promise<ChatResult> {
+    const prompt = messages.map((m) => (typeof m.content === "string" ? m.content : JSON.stringify(m.content))).join("\n");
+    await sleep(this.delayMs, options.signal);
+    const rand = mulberry32(hash(prompt) ^ this.seed);
+    const sentences = Number(/\[sentences:(\d+)\]/.exec(prompt)?.[1] ?? 3);
+    const topicWords = prompt
+      .replace(/\[[^\]]*\]/g, " ")
+      .split(/[^A-Za-z']+/)
+      .filter((w) => w.length > 3)
+      .slice(0, 40);
+    const text = Array.from({ length: sentences }, () => sentence(rand, topicWords)).join(" ");
+    const inputTokens = Math.ceil(prompt.length / 4);
+    const outputTokens = Math.ceil(text.length / 4);
+    const message = new AIMessage({
+      content: text,
+      usage_metadata: { input_tokens: inputTokens, output_tokens: outputTokens, total_tokens: inputTokens + outputTokens },
+    });
+    return { generations: [{ text, message }] };
+  }
+}
+
+/** The chat model the examples use: a hosted one when configured, else the offline stand-in. */
+export async function chatModel(options: { seed?: number; delayMs?: number } = {}): Promise<BaseChatModel> {
+  if (process.env.OPENAI_API_KEY) {
+    const pkg = "@langchain/openai";
+    let mod: { ChatOpenAI: new (fields: { model: string }) => BaseChatModel };
+    try {
+      mod = await import(pkg);
+    } catch {
+      throw new Error("OPENAI_API_KEY is set but @langchain/openai is not installed. Run `npm install @langchain/openai`, or unset OPENAI_API_KEY to use the offline stand-in.");
+    }
+    return new mod.ChatOpenAI({ model: process.env.CAIRN_OPENAI_MODEL ?? "gpt-4o-mini" });
+  }
+  return new StandInChatModel(options);
+}
+
+const FILLER = ["the", "quiet", "village", "river", "promise", "lantern", "friend", "morning", "choice", "truth", "small", "brave", "path", "gift", "storm", "garden", "voice", "window"];
+
+function sentence(rand: () => number, words: string[]): string {
+  const pool = words.length ? [...words, ...FILLER] : FILLER;
+  const n = 6 + Math.floor(rand() * 8);
+  const out = Array.from({ length: n }, () => pool[Math.floor(rand() * pool.length)]!.toLowerCase());
+  out[0] = out[0]!.charAt(0).toUpperCase() + out[0]!.slice(1);
+  return `${out.join(" ")}.`;
+}
+
+function hash(text: string): number {
+  let h = 2166136261;
+  for (let i = 0; i < text.length; i += 1) h = Math.imul(h ^ text.charCodeAt(i), 16777619);
+  return h >>> 0;
+}
+
+function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(new Error("aborted"));
+    const timer = setTimeout(resolve, ms);
+    signal?.addEventListener("abort", () => (clearTimeout(timer), reject(new Error("aborted"))), { once: true });
+  });
+}

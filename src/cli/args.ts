@@ -1,0 +1,54 @@
+import { readFile } from "node:fs/promises";
+import { parseArgs, type ParseArgsConfig } from "node:util";
+import { CairnError } from "../index.ts";
+
+/** Flags every command accepts. */
+export const COMMON_OPTIONS = {
+  store: { type: "string" },
+  json: { type: "boolean", default: false },
+  verbose: { type: "boolean", default: false },
+  help: { type: "boolean", short: "h", default: false },
+} as const satisfies ParseArgsConfig["options"];
+
+/** parseArgs with its errors turned into one-line usage errors that name the command's help. */
+export function parse<O extends NonNullable<ParseArgsConfig["options"]>>(command: string, argv: string[], options: O) {
+  try {
+    return parseArgs({ args: argv, options, allowPositionals: true, strict: true });
+  } catch (error) {
+    const message = (error as Error).message.replace(/\. To specify a positional argument.*$/s, "");
+    throw new CairnError("INVALID_ARGUMENT", `${message}. See: cairn ${command} --help`);
+  }
+}
+
+/** `--input '<json>'` or `--input @file.json`, parsed; undefined when absent. */
+export async function readInput(raw: string | undefined, cwd: string): Promise<unknown> {
+  if (raw === undefined) return undefined;
+  let text = raw;
+  let source = "--input";
+  if (raw.startsWith("@")) {
+    const file = raw.slice(1);
+    source = `input file "${file}"`;
+    try {
+      text = await readFile(new URL(file, `file://${cwd}/`), "utf8");
+    } catch {
+      throw new CairnError("INVALID_ARGUMENT", `Input file "${file}" cannot be read. Pass an existing JSON file: --input @story.json`, { file });
+    }
+  }
+  try {
+    return JSON.parse(text);
+  } catch (error) {
+    throw new CairnError(
+      "INVALID_ARGUMENT",
+      `${source} is not valid JSON (${(error as Error).message}). Pass a JSON object, e.g. --input '{"topic":"honesty"}', or a file: --input @input.json`,
+    );
+  }
+}
+
+/** Exactly one positional argument, or a usage error naming what is missing. */
+export function onePositional(command: string, positionals: string[], what: string): string {
+  if (positionals.length === 0) throw new CairnError("INVALID_ARGUMENT", `cairn ${command} needs ${what}. See: cairn ${command} --help`);
+  if (positionals.length > 1) {
+    throw new CairnError("INVALID_ARGUMENT", `cairn ${command} takes one ${what}, got ${positionals.length}: ${positionals.join(" ")}. See: cairn ${command} --help`);
+  }
+  return positionals[0]!;
+}

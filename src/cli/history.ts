@@ -1,0 +1,35 @@
+import { openStore, readHistory, statusOf } from "../index.ts";
+import { COMMON_OPTIONS, onePositional, parse } from "./args.ts";
+import { formatDuration, table, type Io } from "./render.ts";
+import { CairnError } from "../index.ts";
+
+export const usage = `cairn history <thread> [--store <uri>] [--json]
+
+List a thread's checkpoints, oldest first: id, step, time, duration, source.
+Use an id with: cairn resume <graph.ts> --thread <thread> --checkpoint <id>, or cairn inspect <thread> --checkpoint <id>.`;
+
+export async function historyCommand(argv: string[], io: Io): Promise<number> {
+  const { values, positionals } = parse("history", argv, COMMON_OPTIONS);
+  if (values.help) return io.out(usage), 0;
+  const thread = onePositional("history", positionals, "a thread id");
+  const store = await openStore(values.store);
+  try {
+    const tuple = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
+    if (!tuple) {
+      throw new CairnError("THREAD_NOT_FOUND", `No thread "${thread}" in store ${store.uri}. List the threads with: cairn threads --store ${store.uri}`, { thread });
+    }
+    const history = await readHistory(store.saver, thread);
+    if (values.json) {
+      io.out(JSON.stringify(history, null, 2));
+      return 0;
+    }
+    const rows = [["#", "CHECKPOINT", "STEP", "TIME", "DURATION", "SOURCE"]];
+    history.forEach((h, i) => rows.push([String(i + 1), h.id, h.step, h.ts, formatDuration(h.durationMs), h.source]));
+    for (const line of table(rows)) io.out(line);
+    const { status, next } = statusOf(tuple);
+    io.out(`status: ${status}${next.length ? ` · next: ${next.join(", ")}` : ""}`);
+    return 0;
+  } finally {
+    await store.close();
+  }
+}

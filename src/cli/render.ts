@@ -1,0 +1,64 @@
+import type { RunEvent } from "../index.ts";
+
+/** Where a command writes: results to `out`, progress and diagnostics to `err` (stdout stays clean for --json). */
+export interface Io {
+  out: (text: string) => void;
+  err: (text: string) => void;
+}
+
+export function formatDuration(ms: number | undefined): string {
+  if (ms === undefined) return "";
+  if (ms < 1000) return `${Math.round(ms)}ms`;
+  if (ms < 60_000) return `${(ms / 1000).toFixed(2)}s`;
+  const m = Math.floor(ms / 60_000);
+  return `${m}m${String(Math.round((ms % 60_000) / 1000)).padStart(2, "0")}s`;
+}
+
+/** A short, one-line view of a value for terminal output. */
+export function preview(value: unknown, width = 100): string {
+  let text: string;
+  if (typeof value === "string") text = JSON.stringify(value);
+  else if (Array.isArray(value)) text = `[${value.length} item${value.length === 1 ? "" : "s"}]${value.length ? ` ${preview(value[0], 60)}${value.length > 1 ? ", …" : ""}` : ""}`;
+  else if (value instanceof Uint8Array) text = `<${value.length} bytes>`;
+  else text = JSON.stringify(value) ?? String(value);
+  text = text.replace(/\s+/g, " ");
+  return text.length > width ? `${text.slice(0, width - 1)}…` : text;
+}
+
+/** Print the fields of a state, one line each. */
+export function renderState(io: Io, values: Record<string, unknown>): void {
+  const keys = Object.keys(values);
+  const pad = Math.max(0, ...keys.map((k) => k.length));
+  for (const k of keys) io.out(`  ${k.padEnd(pad)}  ${preview(values[k])}`);
+}
+
+/** Render a simple table with a header row. */
+export function table(rows: string[][]): string[] {
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? "").length)));
+  return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join("  ").trimEnd());
+}
+
+/** Turns run events into one line per finished step (and the steps' own log lines). */
+export function stepReporter(io: Io, verbose: boolean): { onEvent: (e: RunEvent) => void; stepsDone: () => number } {
+  let done = 0;
+  const onEvent = (e: RunEvent) => {
+    if (e.type === "checkpoint") {
+      if (e.step === "input" || e.step === "start" || e.step === "fork" || e.tasks === 0 && !e.step.startsWith("restart:")) return;
+      if (e.step.startsWith("restart:")) {
+        io.err(`↺ restarting from ${e.step.slice("restart:".length)}`);
+        return;
+      }
+      if (e.internal) return;
+      done += 1;
+      const items = e.tasks > 1 ? `  ${e.tasks} tasks` : "";
+      io.err(`✓ ${e.step.padEnd(24)} ${formatDuration(e.durationMs).padStart(8)}${items}`);
+    } else if (e.type === "log") {
+      io.err(`  · ${e.step}${e.item !== undefined ? `[${e.item}]` : ""}: ${e.message}`);
+    } else if (e.type === "task:error") {
+      io.err(`✗ ${e.step}${e.item !== undefined ? `[${e.item}]` : ""} failed after ${formatDuration(e.durationMs)}: ${e.error.message}`);
+    } else if (verbose && e.type === "task:end" && e.item !== undefined) {
+      io.err(`  · ${e.step}[${e.item}] done in ${formatDuration(e.durationMs)}`);
+    }
+  };
+  return { onEvent, stepsDone: () => done };
+}

@@ -1,0 +1,32 @@
+import { listThreads, openStore } from "../index.ts";
+import { COMMON_OPTIONS, parse } from "./args.ts";
+import { table, type Io } from "./render.ts";
+import { CairnError } from "../index.ts";
+
+export const usage = `cairn threads [--store <uri>] [--json]
+
+List the threads of a store: id, status (completed / failed / interrupted / running), last step, checkpoints, last update.`;
+
+export async function threadsCommand(argv: string[], io: Io): Promise<number> {
+  const { values, positionals } = parse("threads", argv, COMMON_OPTIONS);
+  if (values.help) return io.out(usage), 0;
+  if (positionals.length) throw new CairnError("INVALID_ARGUMENT", `cairn threads takes no arguments, got: ${positionals.join(" ")}. See: cairn threads --help`);
+  const store = await openStore(values.store);
+  try {
+    const threads = await listThreads(store.saver, await store.listThreadIds());
+    if (values.json) {
+      io.out(JSON.stringify(threads, null, 2));
+      return 0;
+    }
+    if (threads.length === 0) {
+      io.out(`No threads in ${store.uri}. Start one with: cairn run <graph.ts>`);
+      return 0;
+    }
+    const rows = [["THREAD", "STATUS", "LAST STEP", "CHECKPOINTS", "UPDATED"]];
+    for (const t of threads) rows.push([t.thread, t.status, t.lastStep, String(t.checkpoints), t.updated]);
+    for (const line of table(rows)) io.out(line);
+    return 0;
+  } finally {
+    await store.close();
+  }
+}

@@ -1,0 +1,81 @@
+import type { BaseCheckpointSaver } from "@langchain/langgraph-checkpoint";
+import { CairnError } from "../errors.ts";
+import { branchOf, latestTuple, readHistory, summarizeThread, type HistoryEntry, type ThreadSummary } from "./history.ts";
+
+/** The state of a thread at one point: the latest checkpoint, after a named step, or a given checkpoint. */
+export interface StateAt {
+  thread: string;
+  checkpoint: string;
+  step: string;
+  ts: string;
+  values: Record<string, unknown>;
+}
+
+/** Drop cairn's internal `__cairn_*` channels from a state. */
+function visible(values: Record<string, unknown>): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(values)) if (!k.startsWith("__cairn_")) out[k] = v;
+  return out;
+}
+
+/**
+ * Read a thread's state. With `step`, the state right after that step last finished on the thread's
+ * current branch; with `checkpoint`, the state at that checkpoint; otherwise the latest state.
+ */
+export async function stateAt(
+  saver: BaseCheckpointSaver,
+  storeUri: string,
+  thread: string,
+  at: { step?: string; checkpoint?: string } = {},
+): Promise<StateAt> {
+  if (at.step !== undefined && at.checkpoint !== undefined) {
+    throw new CairnError(
+      "INVALID_ARGUMENT",
+      `--step "${at.step}" and --checkpoint "${at.checkpoint}" cannot be used together: pass one of them.`,
+      { thread },
+    );
+  }
+  const latest = await latestTuple(saver, thread, storeUri);
+  let id = latest.checkpoint.id;
+  let entry: HistoryEntry | undefined;
+  if (at.step !== undefined || at.checkpoint !== undefined) {
+    const history = await readHistory(saver, thread);
+    if (at.checkpoint !== undefined) {
+      entry = history.find((e) => e.id === at.checkpoint);
+      if (!entry) {
+        throw new CairnError(
+          "CHECKPOINT_NOT_FOUND",
+          `No checkpoint "${at.checkpoint}" in thread "${thread}". List its checkpoints with: cairn history ${thread} --store ${storeUri}`,
+          { thread, checkpoint: at.checkpoint },
+        );
+      }
+    } else {
+      const branch = branchOf(history, id);
+      entry = branch.filter((e) => e.step === at.step).pop();
+      if (!entry) {
+        const ran = [...new Set(branch.map((e) => e.step).filter((s) => s !== "input" && s !== "start" && !s.startsWith("restart:")))];
+        throw new CairnError(
+          "UNKNOWN_STEP",
+          `Step "${at.step}" has no checkpoint in thread "${thread}". Steps with checkpoints: ${ran.join(", ") || "none"}.`,
+          { thread, step: at.step, valid: ran },
+        );
+      }
+    }
+    id = entry.id;
+  }
+  const tuple =
+    id === latest.checkpoint.id ? latest : await saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: id } });
+  if (!tuple) throw new CairnError("CHECKPOINT_NOT_FOUND", `Checkpoint "${id}" of thread "${thread}" could not be read.`, { thread, checkpoint: id });
+  const step = entry?.step ?? ((tuple.metadata as { cairn?: { step?: string } } | undefined)?.cairn?.step ?? tuple.metadata?.source ?? "?");
+  return { thread, checkpoint: id, step, ts: tuple.checkpoint.ts, values: visible(tuple.checkpoint.channel_values as Record<string, unknown>) };
+}
+
+/** A summary of every thread in a store, newest first. */
+export async function listThreads(saver: BaseCheckpointSaver, threadIds: string[]): Promise<ThreadSummary[]> {
+  const out: ThreadSummary[] = [];
+  for (const id of threadIds) {
+    const s = await summarizeThread(saver, id);
+    if (s) out.push(s);
+  }
+  return out.sort((a, b) => (a.updated < b.updated ? 1 : a.updated > b.updated ? -1 : 0));
+}

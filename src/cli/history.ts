@@ -23,8 +23,8 @@ export async function historyCommand(argv: string[], io: Io): Promise<number> {
       io.out(JSON.stringify(history, null, 2));
       return 0;
     }
-    const rows = [["#", "CHECKPOINT", "STEP", "TIME", "DURATION", "SOURCE"]];
-    history.forEach((h, i) => rows.push([String(i + 1), h.id, h.step, h.ts, formatDuration(h.durationMs), h.source]));
+    const rows = [["#", "CHECKPOINT", "STEP", "TIME", "DURATION", "TASKS", "SOURCE"]];
+    history.forEach((h, i) => rows.push([String(i + 1), h.id, h.step, h.ts, formatDuration(h.durationMs), h.tasks ? String(h.tasks) : "", h.source]));
     for (const line of table(rows)) io.out(line);
     const { status, next } = statusOf(tuple);
     io.out(`status: ${status}${next.length ? ` · next: ${next.join(", ")}` : ""}`);

@@ -14,6 +14,10 @@ export function formatDuration(ms: number | undefined): string {
   return `${m}m${String(Math.round((ms % 60_000) / 1000)).padStart(2, "0")}s`;
 }
 
+export function plural(n: number, word: string): string {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
+}
+
 /** A short, one-line view of a value for terminal output. */
 export function preview(value: unknown, width = 100): string {
   let text: string;

@@ -1,7 +1,7 @@
 import { isCairnError, loadGraph, resume } from "../index.ts";
 import { COMMON_OPTIONS, parse } from "./args.ts";
 import { explainStepFailure } from "./failure.ts";
-import { formatDuration, renderState, stepReporter, type Io } from "./render.ts";
+import { formatDuration, plural, renderState, stepReporter, type Io } from "./render.ts";
 import { CairnError } from "../index.ts";
 
 export const usage = `cairn resume <graph.ts> --thread <id> [--from-step <name> | --checkpoint <id>] [--store <uri>] [--json] [--verbose]
@@ -44,7 +44,7 @@ export async function resumeCommand(argv: string[], io: Io): Promise<number> {
     if (result.status === "already-completed") {
       io.err(`Thread ${result.thread} already completed; nothing to do. To rerun part of it: cairn resume ${file} --thread ${result.thread} --from-step <step>`);
     } else {
-      io.err(`completed thread ${result.thread}: ${reporter.stepsDone()} steps run in ${formatDuration(Date.now() - started)}`);
+      io.err(`completed thread ${result.thread}: ${plural(reporter.stepsDone(), "step")} run in ${formatDuration(Date.now() - started)}`);
     }
     if (values.json) io.out(JSON.stringify(result.state, null, 2));
     else {

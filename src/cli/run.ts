@@ -1,6 +1,6 @@
 import { isCairnError, loadGraph, run } from "../index.ts";
 import { COMMON_OPTIONS, onePositional, parse, readInput } from "./args.ts";
-import { formatDuration, renderState, stepReporter, type Io } from "./render.ts";
+import { formatDuration, plural, renderState, stepReporter, type Io } from "./render.ts";
 import { explainStepFailure } from "./failure.ts";
 
 export const usage = `cairn run <graph.ts> [--input '<json>' | --input @file.json] [--thread <id>] [--store <uri>] [--json] [--verbose]
@@ -25,7 +25,7 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
     if (values.json) {
       io.out(JSON.stringify(result.state, null, 2));
     } else {
-      io.err(`completed thread ${result.thread}: ${reporter.stepsDone()} steps in ${formatDuration(Date.now() - started)}`);
+      io.err(`completed thread ${result.thread}: ${plural(reporter.stepsDone(), "step")} in ${formatDuration(Date.now() - started)}`);
       io.out("Final state:");
       renderState(io, result.state as Record<string, unknown>);
     }

@@ -227,7 +227,6 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
    */
   toStateGraph(runtime: RunRuntime): StateGraph<any, any, any, any, any, any> {
     type S = z.infer<Schema>;
-    const userKeys = new Set(Object.keys(this.schema.shape));
     const internal: Record<string, z.ZodType> = {
       [DONE_CHANNEL]: z
         .array(z.string())
@@ -333,7 +332,6 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
       if (def.kind === "map") graph.addEdge(def.name, gatherNode(def.name));
       graph.addConditionalEdges(this.lastNodeOf(def.name), after(def.name), destinations);
     }
-    void userKeys;
     return graph;
   }
 

@@ -1,5 +1,6 @@
 import type { BaseCheckpointSaver } from "@langchain/langgraph-checkpoint";
 import { CairnError } from "../errors.ts";
+import { visibleState } from "../store/steps.ts";
 import { branchOf, latestTuple, readHistory, summarizeThread, type HistoryEntry, type ThreadSummary } from "./history.ts";
 
 /** The state of a thread at one point: the latest checkpoint, after a named step, or a given checkpoint. */
@@ -9,13 +10,6 @@ export interface StateAt {
   step: string;
   ts: string;
   values: Record<string, unknown>;
-}
-
-/** Drop cairn's internal `__cairn_*` channels from a state. */
-function visible(values: Record<string, unknown>): Record<string, unknown> {
-  const out: Record<string, unknown> = {};
-  for (const [k, v] of Object.entries(values)) if (!k.startsWith("__cairn_")) out[k] = v;
-  return out;
 }
 
 /**
@@ -67,7 +61,7 @@ export async function stateAt(
     id === latest.checkpoint.id ? latest : await saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: id } });
   if (!tuple) throw new CairnError("CHECKPOINT_NOT_FOUND", `Checkpoint "${id}" of thread "${thread}" could not be read.`, { thread, checkpoint: id });
   const step = entry?.step ?? ((tuple.metadata as { cairn?: { step?: string } } | undefined)?.cairn?.step ?? tuple.metadata?.source ?? "?");
-  return { thread, checkpoint: id, step, ts: tuple.checkpoint.ts, values: visible(tuple.checkpoint.channel_values as Record<string, unknown>) };
+  return { thread, checkpoint: id, step, ts: tuple.checkpoint.ts, values: visibleState(tuple.checkpoint.channel_values as Record<string, unknown>) };
 }
 
 /** A summary of every thread in a store, newest first. */

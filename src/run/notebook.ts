@@ -87,7 +87,9 @@ export async function open<T extends RunTarget>(
       const current = latest.checkpoint.channel_values as Record<string, unknown>;
       const rebuilt = isWorkflow(target) ? rebuildBefore(current, step) : undefined;
       if (!rebuilt) throw notRun(step);
-      return userState({ ...current, ...rebuilt.fields }) as StateOf<T>;
+      const state = { ...current, ...rebuilt.fields };
+      for (const k of rebuilt.absent) delete state[k];
+      return userState(state) as StateOf<T>;
     },
     async stateAfter(step) {
       checkStep(step);

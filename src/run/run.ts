@@ -1,11 +1,12 @@
+import { setMaxListeners } from "node:events";
 import { Overwrite, START } from "@langchain/langgraph";
 import type { RunnableConfig } from "@langchain/core/runnables";
 import { nanoid } from "nanoid";
 import { CairnError, isCairnError } from "../errors.ts";
 import { branchOf, latestTuple, readHistory, statusOf } from "../inspect/history.ts";
 import { openStore, type OpenedStore } from "../store/open.ts";
-import { errorWrites } from "../store/steps.ts";
-import { DONE_CHANNEL, isInternalChannel, undoChannel, unknownStep, type UndoRecord, type Workflow } from "../workflow/builder.ts";
+import { errorWrites, visibleState } from "../store/steps.ts";
+import { DONE_CHANNEL, undoChannel, unknownStep, type UndoRecord, type Workflow } from "../workflow/builder.ts";
 import { attemptKey, type RunEvent } from "../workflow/instrument.ts";
 import { describeTarget, prepareRun, type PreparedRun, type RunTarget } from "./prepare.ts";
 
@@ -149,6 +150,8 @@ async function rewindTo(prepared: PreparedRun, store: OpenedStore, thread: strin
   if (prepared.workflow && rebuilt) {
     const update: Record<string, unknown> = {};
     for (const [k, v] of Object.entries(rebuilt.fields)) update[k] = prepared.isReducer(k) ? new Overwrite(v) : v;
+    // Writing undefined unsets a field: the restarted steps had created it.
+    for (const k of rebuilt.absent) update[k] = undefined;
     update[DONE_CHANNEL] = new Overwrite(rebuilt.doneBefore);
     for (const s of rebuilt.undone) update[undoChannel(s)] = null;
     const last = rebuilt.doneBefore[rebuilt.doneBefore.length - 1];
@@ -191,18 +194,25 @@ async function finishedSteps(prepared: PreparedRun, store: OpenedStore, thread: 
 export function rebuildBefore(
   values: Record<string, unknown>,
   step: string,
-): { fields: Record<string, unknown>; doneBefore: string[]; undone: string[] } | undefined {
+): { fields: Record<string, unknown>; absent: string[]; doneBefore: string[]; undone: string[] } | undefined {
   const done = (values[DONE_CHANNEL] as string[] | undefined) ?? [];
   const at = done.indexOf(step);
   if (at === -1) return undefined;
   const undone = done.slice(at);
-  const fields: Record<string, unknown> = {};
+  const restored = new Map<string, { value: unknown } | "absent">();
   // Latest step first, so the earliest step's record (the value before `step` ran) is the one that stays.
   for (const s of [...undone].reverse()) {
     const undo = values[undoChannel(s)] as UndoRecord | undefined | null;
-    for (const [k, v] of Object.entries(undo?.fields ?? {})) fields[k] = v;
+    for (const [k, v] of Object.entries(undo?.fields ?? {})) restored.set(k, { value: v });
+    for (const k of undo?.absent ?? []) restored.set(k, "absent");
   }
-  return { fields, doneBefore: done.slice(0, at), undone };
+  const fields: Record<string, unknown> = {};
+  const absent: string[] = [];
+  for (const [k, r] of restored) {
+    if (r === "absent") absent.push(k);
+    else fields[k] = r.value;
+  }
+  return { fields, absent, doneBefore: done.slice(0, at), undone };
 }
 
 async function execute(prepared: PreparedRun, store: OpenedStore, thread: string, input: unknown): Promise<RunResult<any>> {
@@ -252,8 +262,14 @@ async function stepFailed(prepared: PreparedRun, store: OpenedStore, thread: str
 }
 
 function prepare(target: RunTarget, store: OpenedStore, thread: string, options: RunCommonOptions): PreparedRun {
-  const signal = options.signal ?? new AbortController().signal;
-  return prepareRun(target, store.saver, thread, signal, options.onEvent ?? (() => {}));
+  // One signal for the run, shared by every task (a fan-out of thousands listens to it at once).
+  const controller = new AbortController();
+  setMaxListeners(0, controller.signal);
+  if (options.signal) {
+    if (options.signal.aborted) controller.abort(options.signal.reason);
+    else options.signal.addEventListener("abort", () => controller.abort(options.signal!.reason), { once: true });
+  }
+  return prepareRun(target, store.saver, thread, controller.signal, options.onEvent ?? (() => {}));
 }
 
 function parseInput(target: RunTarget, input: unknown): unknown {
@@ -267,12 +283,8 @@ function parseInput(target: RunTarget, input: unknown): unknown {
   return input ?? {};
 }
 
-/** Drop cairn's internal channels from a state. */
-export function userState(values: Record<string, unknown>): Record<string, unknown> {
-  const out: Record<string, unknown> = {};
-  for (const [k, v] of Object.entries(values ?? {})) if (!isInternalChannel(k)) out[k] = v;
-  return out;
-}
+/** Drop LangGraph's and cairn's internal channels from a state. */
+export const userState = visibleState;
 
 function checkThreadId(thread: string): void {
   if (typeof thread !== "string" || thread.length === 0 || thread.length > 200 || /[\u0000-\u001f]/.test(thread)) {

@@ -21,7 +21,7 @@ import {
 import { CairnError } from "../errors.ts";
 import { JournalWriter, readRecord, scanLines, type RecordLocation } from "./journal.ts";
 import { decodeThreadDir, encodeThreadDir, stepFileName } from "./names.ts";
-import { nodesThatRan } from "./steps.ts";
+import { isInternalChannel, nodesThatRan } from "./steps.ts";
 
 /** The version of the on-disk format this code writes. Readers refuse newer versions with a clear error. */
 export const FILE_STORE_FORMAT_VERSION = 1;
@@ -653,11 +653,9 @@ function matchesFilter(metadata: unknown, filter: Record<string, unknown>): bool
   return Object.entries(filter).every(([k, v]) => JSON.stringify(md[k]) === JSON.stringify(v));
 }
 
-/** Channels worth showing in a step file: not LangGraph's routing and bookkeeping, not cairn's done/undo records. */
+/** Channels worth showing in a step file: state fields, and a fan-out item's result. */
 function isReadableChannel(channel: string): boolean {
-  if (channel.startsWith("branch:")) return false;
-  if (channel.startsWith("__cairn_map_")) return true;
-  return !channel.startsWith("__");
+  return channel.startsWith("__cairn_map_") || !isInternalChannel(channel);
 }
 
 function jsonForView(_key: string, value: unknown): unknown {

@@ -5,6 +5,21 @@ import { compareChannelVersions, type Checkpoint, type CheckpointTuple } from "@
  * graph: which nodes ran to produce it, and which are still due to run.
  */
 
+/**
+ * Channels that are graph machinery rather than state: LangGraph's routing and bookkeeping
+ * (`branch:to:x`, `join:…`, `__start__`, `__pregel_tasks`, …) and cairn's own records (`__cairn_*`).
+ */
+export function isInternalChannel(name: string): boolean {
+  return name.startsWith("__") || name.startsWith("branch:") || name.startsWith("join:") || name.startsWith("start:");
+}
+
+/** A state without its internal channels. */
+export function visibleState(values: Record<string, unknown>): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(values ?? {})) if (!isInternalChannel(k)) out[k] = v;
+  return out;
+}
+
 /** Nodes whose `versions_seen` changed between two checkpoints: the nodes that ran in between. */
 export function nodesThatRan(prev: Checkpoint["versions_seen"] | undefined, next: Checkpoint["versions_seen"]): string[] {
   const ran: string[] = [];

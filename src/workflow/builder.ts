@@ -10,11 +10,12 @@ export const DONE_CHANNEL = "__cairn_done";
 export const undoChannel = (step: string) => `__cairn_undo_${step}`;
 export const mapChannel = (step: string) => `__cairn_map_${step}`;
 export const gatherNode = (step: string) => `${step}__gather`;
-export const isInternalChannel = (name: string) => name.startsWith("__cairn_");
 
 /** The record a step leaves the first time it finishes: the values of the fields it changed, as they were. */
 export interface UndoRecord {
   fields: Record<string, unknown>;
+  /** Fields the step set that had no value before it. */
+  absent?: string[];
 }
 
 /** A small logger handed to steps; lines reach the run's event stream (and the CLI). */
@@ -245,7 +246,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
     const names = this.defs.map((d) => d.name);
     const userView = (state: Record<string, unknown>): S => {
       const view: Record<string, unknown> = {};
-      for (const k of Object.keys(state)) if (!isInternalChannel(k)) view[k] = state[k];
+      for (const k of Object.keys(this.schema.shape)) if (k in state) view[k] = state[k];
       return view as S;
     };
     const ctxFor = (step: string, config: RunnableConfig, item?: number): StepContext => ({
@@ -260,8 +261,12 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
       const done = (state[DONE_CHANNEL] as string[] | undefined) ?? [];
       if (done.includes(step)) return {};
       const fields: Record<string, unknown> = {};
-      for (const k of changed) if (state[k] !== undefined) fields[k] = state[k];
-      return { [DONE_CHANNEL]: [step], [undoChannel(step)]: { fields } satisfies UndoRecord };
+      const absent: string[] = [];
+      for (const k of changed) {
+        if (state[k] === undefined) absent.push(k);
+        else fields[k] = state[k];
+      }
+      return { [DONE_CHANNEL]: [step], [undoChannel(step)]: { fields, absent } satisfies UndoRecord };
     };
 
     for (const def of this.defs) {

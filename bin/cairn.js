@@ -1,7 +1,11 @@
 #!/usr/bin/env node
 // The cairn CLI. Graph files are TypeScript, so the tsx loader is registered before anything is imported.
+import { EventEmitter } from "node:events";
 import { register } from "tsx/esm/api";
 
+// LangGraph races every task of a superstep against one abort signal, so a fan-out wider than ten trips
+// Node's listener-leak warning; a fan-out of thousands is legitimate here.
+EventEmitter.defaultMaxListeners = 10_000;
 register();
 const { main } = await import("../src/cli/main.ts");
 const code = await main(process.argv.slice(2));

@@ -13,7 +13,7 @@ export type { RunTarget } from "./run/prepare.ts";
 export type { CairnMetadata } from "./run/recording.ts";
 
 // Reading
-export { readHistory, statusOf } from "./inspect/history.ts";
+export { latestTuple, readHistory, statusOf } from "./inspect/history.ts";
 export type { HistoryEntry, ThreadStatus, ThreadSummary } from "./inspect/history.ts";
 export { stateAt, listThreads } from "./inspect/state.ts";
 export type { StateAt } from "./inspect/state.ts";

@@ -395,7 +395,7 @@ describe("bad input: exit 2, one line naming the value and the fix, nothing writ
       `"cairn: No thread "ghost" in store file:<tmp>/store. List the threads with: cairn threads --store file:<tmp>/store"`,
     );
     expect(snapshots["--from-step with --checkpoint"]).toMatchInlineSnapshot(
-      `"cairn: --from-step and --checkpoint cannot be used together: --from-step restarts before a step, --checkpoint continues from one checkpoint. Pass one of them."`,
+      `"cairn: --from-step and --checkpoint cannot be used together: --from-step "x" restarts before a step, --checkpoint "y" continues from one checkpoint. Pass one of them."`,
     );
   });
 });

@@ -1,4 +1,5 @@
 import { readFile } from "node:fs/promises";
+import { resolve } from "node:path";
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { CairnError } from "../index.ts";
 
@@ -29,7 +30,7 @@ export async function readInput(raw: string | undefined, cwd: string): Promise<u
     const file = raw.slice(1);
     source = `input file "${file}"`;
     try {
-      text = await readFile(new URL(file, `file://${cwd}/`), "utf8");
+      text = await readFile(resolve(cwd, file), "utf8");
     } catch {
       throw new CairnError("INVALID_ARGUMENT", `Input file "${file}" cannot be read. Pass an existing JSON file: --input @story.json`, { file });
     }

@@ -1,7 +1,6 @@
-import { openStore, readHistory, statusOf } from "../index.ts";
+import { latestTuple, openStore, readHistory, statusOf } from "../index.ts";
 import { COMMON_OPTIONS, onePositional, parse } from "./args.ts";
 import { formatDuration, table, type Io } from "./render.ts";
-import { CairnError } from "../index.ts";
 
 export const usage = `cairn history <thread> [--store <uri>] [--json]
 
@@ -14,10 +13,7 @@ export async function historyCommand(argv: string[], io: Io): Promise<number> {
   const thread = onePositional("history", positionals, "a thread id");
   const store = await openStore(values.store);
   try {
-    const tuple = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
-    if (!tuple) {
-      throw new CairnError("THREAD_NOT_FOUND", `No thread "${thread}" in store ${store.uri}. List the threads with: cairn threads --store ${store.uri}`, { thread });
-    }
+    const tuple = await latestTuple(store.saver, thread, store.uri);
     const history = await readHistory(store.saver, thread);
     if (values.json) {
       io.out(JSON.stringify(history, null, 2));

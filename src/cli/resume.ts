@@ -1,5 +1,5 @@
 import { isCairnError, loadGraph, resume } from "../index.ts";
-import { COMMON_OPTIONS, parse } from "./args.ts";
+import { COMMON_OPTIONS, onePositional, parse } from "./args.ts";
 import { explainStepFailure } from "./failure.ts";
 import { formatDuration, plural, renderState, stepReporter, type Io } from "./render.ts";
 import { CairnError } from "../index.ts";
@@ -18,17 +18,8 @@ export async function resumeCommand(argv: string[], io: Io): Promise<number> {
     checkpoint: { type: "string" },
   });
   if (values.help) return io.out(usage), 0;
-  if (positionals.length !== 1) {
-    throw new CairnError("INVALID_ARGUMENT", `cairn resume needs one graph file${positionals.length ? `, got ${positionals.length}` : ""}. See: cairn resume --help`);
-  }
-  const file = positionals[0]!;
+  const file = onePositional("resume", positionals, "a graph file (e.g. graphs/moral-video.ts)");
   if (!values.thread) throw new CairnError("INVALID_ARGUMENT", `cairn resume needs --thread <id>. List threads with: cairn threads`);
-  if (values["from-step"] !== undefined && values.checkpoint !== undefined) {
-    throw new CairnError(
-      "INVALID_ARGUMENT",
-      `--from-step and --checkpoint cannot be used together: --from-step restarts before a step, --checkpoint continues from one checkpoint. Pass one of them.`,
-    );
-  }
   const target = await loadGraph(file);
   const reporter = stepReporter(io, values.verbose);
   const started = Date.now();

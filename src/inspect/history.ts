@@ -7,8 +7,10 @@ import { errorWrites, nodesThatRan, pendingNodes } from "../store/steps.ts";
 export interface HistoryEntry {
   id: string;
   parent: string | undefined;
-  /** The step that produced this checkpoint ("input" for the first). */
+  /** The step that produced this checkpoint ("input" for the first; "a+b" when parallel steps ran). */
   step: string;
+  /** The steps that ran to produce it (empty for input, restart and fork checkpoints). */
+  steps: string[];
   source: string;
   ts: string;
   durationMs: number | undefined;
@@ -32,6 +34,7 @@ export interface ThreadSummary {
 
 interface CairnMeta {
   step?: string;
+  steps?: string[];
   durationMs?: number;
   tasks?: number;
   pid?: number;
@@ -58,11 +61,13 @@ export async function readHistory(saver: BaseCheckpointSaver, thread: string): P
         step = nodesThatRan(parent?.checkpoint.versions_seen, t.checkpoint.versions_seen).join("+") || `step ${t.metadata?.step ?? "?"}`;
       }
     }
+    const source = t.metadata?.source ?? "loop";
     return {
       id: t.checkpoint.id,
       parent: parentId,
       step,
-      source: t.metadata?.source ?? "loop",
+      steps: meta.steps ?? (source === "loop" && step !== "start" ? step.split("+") : []),
+      source,
       ts: t.checkpoint.ts,
       durationMs: meta.durationMs,
       tasks: meta.tasks,
@@ -80,6 +85,20 @@ export function branchOf(entries: HistoryEntry[], head: string): HistoryEntry[] 
     cur = cur.parent ? byId.get(cur.parent) : undefined;
   }
   return chain.reverse();
+}
+
+/** The thread's current branch: the chain that leads to its newest checkpoint, oldest first. */
+export function currentBranch(entries: HistoryEntry[]): HistoryEntry[] {
+  const head = entries[entries.length - 1];
+  return head ? branchOf(entries, head.id) : [];
+}
+
+export function checkpointNotFound(thread: string, checkpoint: string, storeUri: string): CairnError {
+  return new CairnError(
+    "CHECKPOINT_NOT_FOUND",
+    `No checkpoint "${checkpoint}" in thread "${thread}". List its checkpoints with: cairn history ${thread} --store ${storeUri}`,
+    { thread, checkpoint },
+  );
 }
 
 /** Latest checkpoint of a thread, or THREAD_NOT_FOUND naming the store and how to list threads. */

@@ -1,7 +1,7 @@
 import type { BaseCheckpointSaver } from "@langchain/langgraph-checkpoint";
 import { CairnError } from "../errors.ts";
 import { visibleState } from "../store/steps.ts";
-import { branchOf, latestTuple, readHistory, summarizeThread, type HistoryEntry, type ThreadSummary } from "./history.ts";
+import { checkpointNotFound, currentBranch, latestTuple, readHistory, summarizeThread, type HistoryEntry, type ThreadSummary } from "./history.ts";
 
 /** The state of a thread at one point: the latest checkpoint, after a named step, or a given checkpoint. */
 export interface StateAt {
@@ -29,6 +29,9 @@ export async function stateAt(
       { thread },
     );
   }
+  if (at.checkpoint !== undefined && at.checkpoint.trim() === "") {
+    throw new CairnError("INVALID_ARGUMENT", `--checkpoint is empty. Pass a checkpoint id from: cairn history ${thread}`, { thread });
+  }
   const latest = await latestTuple(saver, thread, storeUri);
   let id = latest.checkpoint.id;
   let entry: HistoryEntry | undefined;
@@ -36,18 +39,12 @@ export async function stateAt(
     const history = await readHistory(saver, thread);
     if (at.checkpoint !== undefined) {
       entry = history.find((e) => e.id === at.checkpoint);
-      if (!entry) {
-        throw new CairnError(
-          "CHECKPOINT_NOT_FOUND",
-          `No checkpoint "${at.checkpoint}" in thread "${thread}". List its checkpoints with: cairn history ${thread} --store ${storeUri}`,
-          { thread, checkpoint: at.checkpoint },
-        );
-      }
+      if (!entry) throw checkpointNotFound(thread, at.checkpoint, storeUri);
     } else {
-      const branch = branchOf(history, id);
-      entry = branch.filter((e) => e.step === at.step).pop();
+      const branch = currentBranch(history);
+      entry = branch.filter((e) => e.steps.includes(at.step!)).pop();
       if (!entry) {
-        const ran = [...new Set(branch.map((e) => e.step).filter((s) => s !== "input" && s !== "start" && !s.startsWith("restart:")))];
+        const ran = [...new Set(branch.flatMap((e) => e.steps))];
         throw new CairnError(
           "UNKNOWN_STEP",
           `Step "${at.step}" has no checkpoint in thread "${thread}". Steps with checkpoints: ${ran.join(", ") || "none"}.`,

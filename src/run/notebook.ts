@@ -1,10 +1,11 @@
 import type { RunnableConfig } from "@langchain/core/runnables";
 import { CairnError } from "../errors.ts";
-import { branchOf, latestTuple, readHistory, type HistoryEntry } from "../inspect/history.ts";
+import { currentBranch, latestTuple, readHistory, type HistoryEntry } from "../inspect/history.ts";
 import { openStore, type OpenedStore } from "../store/open.ts";
 import { isWorkflow, unknownStep } from "../workflow/builder.ts";
 import { asStateGraph, describeTarget, type RunTarget } from "./prepare.ts";
-import { rebuildBefore, resume, userState, type ResumeOptions, type RunResult, type StateOf, type StepName } from "./run.ts";
+import { checkpointBefore, rebuildBefore, resume, type ResumeOptions, type RunResult, type StateOf, type StepName } from "./run.ts";
+import { visibleState } from "../store/steps.ts";
 
 /** A thread opened for notebook-style work: read its states, try a step, continue from a step. */
 export interface ThreadHandle<T extends RunTarget> {
@@ -63,10 +64,6 @@ export async function open<T extends RunTarget>(
     const tuple = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: id } });
     return tuple?.checkpoint.channel_values as Record<string, unknown> | undefined;
   };
-  const branch = async () => {
-    const history = await readHistory(store.saver, thread);
-    return branchOf(history, history[history.length - 1]!.id);
-  };
   const notRun = (step: string) =>
     new CairnError("UNKNOWN_STEP", `Step "${step}" has no checkpoint on thread "${thread}" (it has not run, or its checkpoints were pruned).`, { thread, step });
 
@@ -75,28 +72,28 @@ export async function open<T extends RunTarget>(
     store,
     async state() {
       const tuple = await latestTuple(store.saver, thread, store.uri);
-      return userState(tuple.checkpoint.channel_values as Record<string, unknown>) as StateOf<T>;
+      return visibleState(tuple.checkpoint.channel_values as Record<string, unknown>) as StateOf<T>;
     },
     history: () => readHistory(store.saver, thread),
     async stateBefore(step) {
       checkStep(step);
-      const first = (await branch()).find((e) => e.step === step);
-      const values = first?.parent ? await valuesAt(first.parent) : undefined;
-      if (values) return userState(values) as StateOf<T>;
+      const before = await checkpointBefore(store.saver, thread, step);
+      if (before.tuple) return visibleState(before.tuple.checkpoint.channel_values as Record<string, unknown>) as StateOf<T>;
+      // History pruned: a cairn workflow rebuilds the state from the records its steps left.
       const latest = await latestTuple(store.saver, thread, store.uri);
       const current = latest.checkpoint.channel_values as Record<string, unknown>;
       const rebuilt = isWorkflow(target) ? rebuildBefore(current, step) : undefined;
       if (!rebuilt) throw notRun(step);
       const state = { ...current, ...rebuilt.fields };
       for (const k of rebuilt.absent) delete state[k];
-      return userState(state) as StateOf<T>;
+      return visibleState(state) as StateOf<T>;
     },
     async stateAfter(step) {
       checkStep(step);
-      const last = (await branch()).filter((e) => e.step === step).pop();
+      const last = currentBranch(await readHistory(store.saver, thread)).filter((e) => e.steps.includes(step)).pop();
       const values = last ? await valuesAt(last.id) : undefined;
       if (!values) throw notRun(step);
-      return userState(values) as StateOf<T>;
+      return visibleState(values) as StateOf<T>;
     },
     async tryStep(step, state) {
       checkStep(step);

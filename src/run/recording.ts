@@ -15,6 +15,8 @@ import type { RunRuntime } from "../workflow/instrument.ts";
 export interface CairnMetadata {
   /** The step whose completion this checkpoint records ("input", "restart:<step>", "fork" for the others). */
   step: string;
+  /** Every step that ran to produce this checkpoint (several when parallel branches ran in one superstep). */
+  steps: string[];
   /** Wall time of the step's tasks, first start to last end. */
   durationMs: number;
   /** How many tasks ran in the step (a fan-out runs one per item). */
@@ -51,8 +53,12 @@ export class RecordingSaver extends BaseCheckpointSaver {
   }
 
   async putWrites(config: RunnableConfig, writes: PendingWrite[], taskId: string, taskPath?: string): Promise<void> {
-    await this.inner.putWrites(config, writes, taskId, taskPath);
-    this.runtime.settled(taskId);
+    try {
+      await this.inner.putWrites(config, writes, taskId, taskPath);
+    } finally {
+      // Saved or failed to save, the task is done: a sibling holding back its error must not wait forever.
+      this.runtime.settled(taskId);
+    }
   }
 
   deleteThread(threadId: string): Promise<void> {
@@ -70,14 +76,16 @@ export class RecordingSaver extends BaseCheckpointSaver {
   async put(config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata, newVersions: ChannelVersions): Promise<RunnableConfig> {
     if ((config.configurable?.checkpoint_ns ?? "") !== "") return this.inner.put(config, checkpoint, metadata, newVersions);
     const tasks = this.runtime.drainFinished();
+    const steps = [...new Set(tasks.map((t) => t.step))];
     let step: string;
     if (metadata.source === "input") step = "input";
     else if (this.nextLabel !== undefined && tasks.length === 0) step = this.nextLabel;
-    else step = [...new Set(tasks.map((t) => t.step))].join("+") || (metadata.step === 0 ? "start" : metadata.source);
+    else step = steps.join("+") || (metadata.step === 0 ? "start" : metadata.source);
     if (tasks.length === 0) this.nextLabel = undefined;
     const durationMs = tasks.length ? Math.max(...tasks.map((t) => t.endedAt)) - Math.min(...tasks.map((t) => t.startedAt)) : 0;
     const cairn: CairnMetadata = {
       step,
+      steps,
       durationMs,
       tasks: tasks.length,
       failed: tasks.filter((t) => !t.ok).length,

@@ -1,12 +1,12 @@
 import { setMaxListeners } from "node:events";
 import { Overwrite, START } from "@langchain/langgraph";
-import type { RunnableConfig } from "@langchain/core/runnables";
+import type { BaseCheckpointSaver, CheckpointTuple } from "@langchain/langgraph-checkpoint";
 import { nanoid } from "nanoid";
 import { CairnError, isCairnError } from "../errors.ts";
-import { branchOf, latestTuple, readHistory, statusOf } from "../inspect/history.ts";
+import { checkpointNotFound, currentBranch, latestTuple, readHistory } from "../inspect/history.ts";
 import { openStore, type OpenedStore } from "../store/open.ts";
 import { errorWrites, visibleState } from "../store/steps.ts";
-import { DONE_CHANNEL, undoChannel, unknownStep, type UndoRecord, type Workflow } from "../workflow/builder.ts";
+import { DONE_CHANNEL, isWorkflow, undoChannel, unknownStep, type UndoRecord, type Workflow } from "../workflow/builder.ts";
 import { attemptKey, type RunEvent } from "../workflow/instrument.ts";
 import { describeTarget, prepareRun, type PreparedRun, type RunTarget } from "./prepare.ts";
 
@@ -99,6 +99,9 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
     );
   }
   checkThreadId(thread);
+  if (checkpoint !== undefined && checkpoint.trim() === "") {
+    throw new CairnError("INVALID_ARGUMENT", `--checkpoint is empty. Pass a checkpoint id from: cairn history ${thread}`, { thread });
+  }
   const { steps, name } = describeTarget(target);
   if (fromStep !== undefined && !steps.includes(fromStep)) throw unknownStep(name, fromStep, steps);
   return withStore(options, async (store) => {
@@ -107,20 +110,18 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
     const config = { configurable: { thread_id: thread } };
     if (checkpoint !== undefined) {
       const at = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: checkpoint } });
-      if (!at) {
-        throw new CairnError(
-          "CHECKPOINT_NOT_FOUND",
-          `No checkpoint "${checkpoint}" in thread "${thread}". List its checkpoints with: cairn history ${thread} --store ${store.uri}`,
-          { thread, checkpoint },
-        );
-      }
+      if (!at) throw checkpointNotFound(thread, checkpoint, store.uri);
       prepared.saver.nextLabel = "fork";
       await prepared.graph.updateState(at.config, undefined, "__copy__");
     } else if (fromStep !== undefined) {
       await rewindTo(prepared, store, thread, fromStep);
-    } else if (statusOf(latest).status === "completed") {
+    } else {
+      // Finished is decided by the graph (what its edges say is due), not by the checkpoint alone; and
+      // saved task output not yet folded into a checkpoint (a crash right after a step) is unfinished work.
       const snapshot = await prepared.graph.getState(config);
-      return { thread, status: "already-completed", state: userState(snapshot.values) as StateOf<T>, tasksRun: 0, store: store.uri };
+      if (snapshot.next.length === 0 && (latest.pendingWrites ?? []).length === 0 && latest.metadata?.source !== "input") {
+        return { thread, status: "already-completed", state: visibleState(snapshot.values) as StateOf<T>, tasksRun: 0, store: store.uri };
+      }
     }
     options.onStart?.({ thread, store: store.uri, skipped: await finishedSteps(prepared, store, thread) });
     return execute(prepared, store, thread, null);
@@ -134,16 +135,11 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
  * time it ran, the values it replaced.
  */
 async function rewindTo(prepared: PreparedRun, store: OpenedStore, thread: string, step: string): Promise<void> {
-  const history = await readHistory(store.saver, thread);
-  const branch = branchOf(history, history[history.length - 1]!.id);
-  const first = branch.find((e) => e.step === step);
-  if (first?.parent) {
-    const before = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: first.parent } });
-    if (before) {
-      prepared.saver.nextLabel = `restart:${step}`;
-      await prepared.graph.updateState(before.config, undefined, "__copy__");
-      return;
-    }
+  const before = await checkpointBefore(store.saver, thread, step);
+  if (before.tuple) {
+    prepared.saver.nextLabel = `restart:${step}`;
+    await prepared.graph.updateState(before.tuple.config, undefined, "__copy__");
+    return;
   }
   const latest = await prepared.graph.getState({ configurable: { thread_id: thread } });
   const rebuilt = prepared.workflow ? rebuildBefore(latest.values as Record<string, unknown>, step) : undefined;
@@ -159,7 +155,7 @@ async function rewindTo(prepared: PreparedRun, store: OpenedStore, thread: strin
     await prepared.graph.updateState({ configurable: { thread_id: thread } }, update, last === undefined ? START : prepared.workflow.lastNodeOf(last));
     return;
   }
-  if (first === undefined) {
+  if (!before.ran) {
     const stepOf = (n: string) => (prepared.workflow ? prepared.workflow.stepOfNode(n) : n);
     // Restarting the step that is due next is the same as continuing.
     if (latest.next.some((n) => stepOf(n) === step)) return;
@@ -176,15 +172,31 @@ async function rewindTo(prepared: PreparedRun, store: OpenedStore, thread: strin
   );
 }
 
+/**
+ * The checkpoint just before `step` first ran on the thread's current branch: what a restart from that
+ * step starts from. `tuple` is absent when the step never ran there (`ran: false`) or history was pruned.
+ */
+export async function checkpointBefore(
+  saver: BaseCheckpointSaver,
+  thread: string,
+  step: string,
+): Promise<{ ran: boolean; tuple?: CheckpointTuple }> {
+  const first = currentBranch(await readHistory(saver, thread)).find((e) => e.steps.includes(step));
+  if (!first) return { ran: false };
+  const tuple = first.parent
+    ? await saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: first.parent } })
+    : undefined;
+  return { ran: true, tuple };
+}
+
 /** Steps already finished on the thread's current branch: the work a resume does not redo. */
 async function finishedSteps(prepared: PreparedRun, store: OpenedStore, thread: string): Promise<string[]> {
   if (prepared.workflow) {
     const snapshot = await prepared.graph.getState({ configurable: { thread_id: thread } });
     return [...(((snapshot.values as Record<string, unknown>)[DONE_CHANNEL] as string[] | undefined) ?? [])];
   }
-  const history = await readHistory(store.saver, thread);
-  const branch = branchOf(history, history[history.length - 1]!.id);
-  return [...new Set(branch.filter((e) => e.source === "loop" && prepared.steps.includes(e.step)).map((e) => e.step))];
+  const branch = currentBranch(await readHistory(store.saver, thread));
+  return [...new Set(branch.flatMap((e) => e.steps).filter((step) => prepared.steps.includes(step)))];
 }
 
 /**
@@ -224,7 +236,7 @@ async function execute(prepared: PreparedRun, store: OpenedStore, thread: string
       durability: "sync",
       recursionLimit: 100_000,
     });
-    return { thread, status: "completed", state: userState(values as Record<string, unknown>), tasksRun: prepared.runtime.taskCount, store: store.uri };
+    return { thread, status: "completed", state: visibleState(values as Record<string, unknown>), tasksRun: prepared.runtime.taskCount, store: store.uri };
   } catch (error) {
     // Only a task's failure is a step failure; store and setup errors keep their own message.
     if (prepared.runtime.failedTasks.length === 0) throw error;
@@ -273,8 +285,8 @@ function prepare(target: RunTarget, store: OpenedStore, thread: string, options:
 }
 
 function parseInput(target: RunTarget, input: unknown): unknown {
-  if (typeof target === "object" && target !== null && (target as { kind?: unknown }).kind === "cairn.workflow") {
-    const wf = target as Workflow<any, string>;
+  if (isWorkflow(target)) {
+    const wf = target;
     // The given input is laid over the workflow's default input, field by field.
     const given = input === undefined ? {} : input;
     if (typeof given !== "object" || given === null || Array.isArray(given)) return wf.parseInput(given);
@@ -282,9 +294,6 @@ function parseInput(target: RunTarget, input: unknown): unknown {
   }
   return input ?? {};
 }
-
-/** Drop LangGraph's and cairn's internal channels from a state. */
-export const userState = visibleState;
 
 function checkThreadId(thread: string): void {
   if (typeof thread !== "string" || thread.length === 0 || thread.length > 200 || /[\u0000-\u001f]/.test(thread)) {

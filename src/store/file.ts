@@ -1,5 +1,5 @@
 import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile, type FileHandle } from "node:fs/promises";
-import { join } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import type { RunnableConfig } from "@langchain/core/runnables";
 import {
   BaseCheckpointSaver,
@@ -19,7 +19,7 @@ import {
   type SerializerProtocol,
 } from "@langchain/langgraph-checkpoint";
 import { CairnError } from "../errors.ts";
-import { JournalWriter, readRecord, scanLines, type RecordLocation } from "./journal.ts";
+import { JournalWriter, createJournal, readRecord, scanLines, type RecordLocation } from "./journal.ts";
 import { decodeThreadDir, encodeThreadDir, stepFileName } from "./names.ts";
 import { isInternalChannel, nodesThatRan } from "./steps.ts";
 
@@ -202,16 +202,24 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
 
   /** The folder that holds a thread's journal and readable step files. */
   threadDir(thread: string): string {
-    return join(this.threadsDir, encodeThreadDir(thread));
+    const name = encodeThreadDir(thread);
+    if (Buffer.byteLength(name) > 240) {
+      throw new CairnError(
+        "INVALID_ARGUMENT",
+        `Thread id ${JSON.stringify(thread.slice(0, 40))}… is too long for the file store (its folder name would be ${Buffer.byteLength(name)} bytes; the limit is 240). Use a shorter id.`,
+        { thread },
+      );
+    }
+    return join(this.threadsDir, name);
   }
 
   private async loadTuple(index: ThreadIndex, ns: string, entry: CheckpointEntry): Promise<CheckpointTuple> {
-    const rec = await this.read<CheckpointRecord>(index, entry);
+    const rec = await this.read<CheckpointRecord>(index, entry, "cp", entry.id);
     const channel_values: Record<string, unknown> = {};
     for (const [channel, version] of Object.entries(rec.cp.channel_versions)) {
       const loc = index.blobs.get(blobKey(ns, channel, version));
       if (!loc) continue;
-      const holder = loc.offset === entry.offset ? rec : await this.read<CheckpointRecord>(index, loc);
+      const holder = loc.offset === entry.offset ? rec : await this.read<CheckpointRecord>(index, loc, "cp");
       const blob = holder.blobs[channel];
       if (!blob || blob.t === "empty") continue;
       channel_values[channel] = await this.decode(blob);
@@ -248,7 +256,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     for (const e of entries) {
       let rec = records.get(e.loc.offset);
       if (!rec) {
-        rec = await this.read<WritesRecord>(index, e.loc);
+        rec = await this.read<WritesRecord>(index, e.loc, "w");
         records.set(e.loc.offset, rec);
       }
       const w = rec.w.find((x) => x.i === e.idx);
@@ -272,9 +280,19 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     return ids;
   }
 
-  private async read<T>(index: ThreadIndex, loc: RecordLocation): Promise<T> {
+  private async read<T extends JournalRecord>(index: ThreadIndex, loc: RecordLocation, kind: T["k"], id?: string): Promise<T> {
     index.reader ??= await open(index.file, "r");
-    return readRecord<T>(index.reader, index.file, loc);
+    const record = await readRecord<JournalRecord>(index.reader, index.file, loc);
+    // The index and the file must agree on what sits at this offset; anything else is never served.
+    if (record.k !== kind || (id !== undefined && (record as CheckpointRecord).id !== id)) {
+      throw new CairnError(
+        "CHECKPOINT_CORRUPT",
+        `Checkpoint journal ${index.file} changed under this process: byte ${loc.offset} no longer holds the expected record. ` +
+          `Was the thread written by two processes at once? Nothing was loaded; run the command again.`,
+        { file: index.file, offset: loc.offset },
+      );
+    }
+    return record as T;
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -355,6 +373,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       if ((error as NodeJS.ErrnoException).code === "ENOENT") return;
       throw error;
     }
+    await fsyncDir(this.threadsDir);
     await rm(trash, { recursive: true, force: true });
   }
 
@@ -378,10 +397,20 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     if (!pending) {
       pending = this.loadIndex(thread);
       this.indexes.set(thread, pending);
-      pending.catch(() => this.indexes.delete(thread));
     }
-    const index = await pending;
-    if (index && !index.writer) await this.refresh(index);
+    let index: ThreadIndex | undefined;
+    try {
+      index = await pending;
+    } catch (error) {
+      if (this.indexes.get(thread) === pending) this.indexes.delete(thread);
+      throw error;
+    }
+    // "No such thread" is never remembered: another process may create the thread at any time.
+    if (!index) {
+      if (this.indexes.get(thread) === pending) this.indexes.delete(thread);
+      return undefined;
+    }
+    if (!index.writer) await this.refresh(index);
     return index;
   }
 
@@ -511,12 +540,12 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       thread,
       created: new Date().toISOString(),
     };
-    const file = join(dir, JOURNAL);
-    const writer = await JournalWriter.open(file, 0);
     try {
-      await writer.append(JSON.stringify(header));
-    } finally {
-      await writer.close();
+      // Exclusive create: a journal another process made meanwhile is used as it is, never overwritten.
+      await createJournal(join(dir, JOURNAL), JSON.stringify(header));
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === "EEXIST") return;
+      throw error;
     }
     // The new journal's directory entry, and the thread folder's, must survive a crash too.
     await fsyncDir(dir);
@@ -535,17 +564,23 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     await this.checkMarker();
     const marker = join(this.dir, STORE_MARKER);
     try {
-      await stat(marker);
-      return;
+      if ((await stat(marker)).size > 0) return;
     } catch {
       // first write to this store
     }
     await mkdir(this.threadsDir, { recursive: true });
     const body = JSON.stringify({ format: "cairn-file-store", version: FILE_STORE_FORMAT_VERSION }, null, 2) + "\n";
     const tmp = `${marker}.tmp-${process.pid}`;
-    await writeFile(tmp, body);
+    const handle = await open(tmp, "w");
+    try {
+      await handle.writeFile(body);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
     await rename(tmp, marker);
     await fsyncDir(this.dir);
+    await fsyncDir(dirname(resolve(this.dir)));
   }
 
   private checkMarker(): Promise<void> {
@@ -557,6 +592,8 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       } catch {
         return;
       }
+      // An empty marker is one a crash left before its contents reached the disk; it is rewritten.
+      if (text.trim() === "") return;
       let version: unknown;
       try {
         version = (JSON.parse(text) as { version?: unknown }).version;

@@ -3,14 +3,18 @@ import { crc32 } from "node:zlib";
 import { CairnError } from "../errors.ts";
 
 /**
- * One thread's append-only journal: a text file of records, one per line, each line
- * `<crc32 as 8 hex digits> <json>\n`.
+ * One thread's append-only journal: a text file of records, one per line,
  *
- * Atomicity: a record is committed once its whole line, newline included, is on disk and fdatasync has
- * returned. A crash can leave a partial last line (or a last line whose bytes were reordered by the
- * device); that torn tail fails its checksum or lacks its newline, is ignored by every reader, and is
- * cut off by the next writer before it appends. A bad line that is followed by good lines is not a torn
- * tail but damage, and is reported as CHECKPOINT_CORRUPT.
+ *     <crc32, 8 hex digits> <batch, 8+ hex digits> <json>\n
+ *
+ * where the checksum covers `<batch> <json>` and `batch` is the byte offset at which the write that
+ * carried the line began (several records committed together share one write and one fdatasync).
+ *
+ * Atomicity: a batch is committed once fdatasync has returned. A crash before that can leave any subset
+ * of the batch's bytes on disk. On reading, a line that fails its checksum (or lacks its newline) is a
+ * torn tail when no later good line belongs to a later batch: those bytes were never acknowledged, and
+ * everything from the bad line on is ignored and cut off by the next writer. A bad line followed by a
+ * good line of a later batch is damage to committed data, reported as CHECKPOINT_CORRUPT.
  */
 
 export interface RecordLocation {
@@ -24,49 +28,46 @@ export interface ScannedRecord<T> extends RecordLocation {
 
 const NEWLINE = 0x0a;
 
-/** Encode one record as a journal line. `json` must be a single-line JSON text. */
-export function encodeLine(json: string): string {
-  const sum = crc32(json).toString(16).padStart(8, "0");
-  return `${sum} ${json}\n`;
+function checksum(body: string): string {
+  return crc32(body).toString(16).padStart(8, "0");
+}
+
+/** Encode one record as a journal line of the batch that starts at byte `batch`. */
+export function encodeLine(json: string, batch: number): string {
+  const body = `${batch.toString(16).padStart(8, "0")} ${json}`;
+  return `${checksum(body)} ${body}\n`;
 }
 
 /** Decode one journal line (without its newline); undefined if its checksum does not match. */
-export function decodeLine(line: string): string | undefined {
-  if (line.length < 10 || line[8] !== " ") return undefined;
-  const json = line.slice(9);
-  const sum = crc32(json).toString(16).padStart(8, "0");
-  return sum === line.slice(0, 8) ? json : undefined;
+export function decodeLine(line: string): { batch: number; json: string } | undefined {
+  if (line.length < 19 || line[8] !== " ") return undefined;
+  const body = line.slice(9);
+  if (checksum(body) !== line.slice(0, 8)) return undefined;
+  const space = body.indexOf(" ");
+  if (space < 8) return undefined;
+  return { batch: parseInt(body.slice(0, space), 16), json: body.slice(space + 1) };
 }
 
 /**
- * Scan `bytes` (the journal from `base` on) into records. Returns the records and the offset just past the
- * last good one. Throws CHECKPOINT_CORRUPT for a bad line that has good lines after it.
+ * Scan `bytes` (the journal from offset `base` on) into records. Returns the records and the offset just
+ * past the last good one before any torn tail. Throws CHECKPOINT_CORRUPT for damage to committed data.
  */
-export function scanLines<T>(
-  file: string,
-  bytes: Buffer,
-  base: number,
-): { records: ScannedRecord<T>[]; validEnd: number } {
+export function scanLines<T>(file: string, bytes: Buffer, base: number): { records: ScannedRecord<T>[]; validEnd: number } {
   const records: ScannedRecord<T>[] = [];
   let pos = 0;
   let validEnd = base;
   let badAt: number | undefined;
   while (pos < bytes.length) {
     const nl = bytes.indexOf(NEWLINE, pos);
-    if (nl === -1) break; // no newline: a torn last write
-    const json = decodeLine(bytes.toString("utf8", pos, nl));
-    if (json === undefined) {
+    if (nl === -1) break; // no newline: the end of a torn write
+    const line = decodeLine(bytes.toString("utf8", pos, nl));
+    if (line === undefined) {
       badAt ??= base + pos;
+    } else if (badAt !== undefined) {
+      // A good line after a bad one: the same unacknowledged batch (torn), or a later one (damage).
+      if (line.batch > badAt) throw damaged(file, badAt);
     } else {
-      if (badAt !== undefined) {
-        throw new CairnError(
-          "CHECKPOINT_CORRUPT",
-          `Checkpoint journal ${file} is damaged at byte ${badAt}: a record fails its checksum but later records are intact. ` +
-            `Nothing was loaded from it. Run \`cairn history\` on an intact copy, or move the file aside to start the thread again.`,
-          { file, offset: badAt },
-        );
-      }
-      records.push({ offset: base + pos, length: nl + 1 - pos, record: JSON.parse(json) as T });
+      records.push({ offset: base + pos, length: nl + 1 - pos, record: JSON.parse(line.json) as T });
       validEnd = base + nl + 1;
     }
     pos = nl + 1;
@@ -74,13 +75,22 @@ export function scanLines<T>(
   return { records, validEnd };
 }
 
+function damaged(file: string, offset: number): CairnError {
+  return new CairnError(
+    "CHECKPOINT_CORRUPT",
+    `Checkpoint journal ${file} is damaged at byte ${offset}: a committed record fails its checksum and later records are intact. ` +
+      `Nothing was loaded from it. Restore the file from a backup, or move the thread's folder aside and start the thread again.`,
+    { file, offset },
+  );
+}
+
 /**
  * The writing side of a journal. Appends are queued and flushed in groups: every caller whose record is
  * in a flushed batch waits for the same single write + fdatasync (group commit), so concurrent writers
- * (parallel fan-out tasks) share the cost of one durable commit.
+ * in this process (parallel fan-out tasks) share the cost of one durable commit.
  */
 export class JournalWriter {
-  private queue: { line: string; resolve: (loc: RecordLocation) => void; reject: (e: unknown) => void }[] = [];
+  private queue: { json: string; resolve: (loc: RecordLocation) => void; reject: (e: unknown) => void }[] = [];
   private flushing = false;
   private failed: unknown;
 
@@ -90,9 +100,12 @@ export class JournalWriter {
     private end: number,
   ) {}
 
-  /** Open for appending; a torn tail beyond `validEnd` is cut off first (and that cut made durable). */
+  /**
+   * Open an existing journal for appending. A torn tail beyond `validEnd` (the end of the last good
+   * record the caller scanned) is cut off first, and that cut made durable.
+   */
   static async open(file: string, validEnd: number): Promise<JournalWriter> {
-    const handle = await open(file, "a+");
+    const handle = await open(file, "r+");
     const { size } = await handle.stat();
     if (size > validEnd) {
       await handle.truncate(validEnd);
@@ -108,16 +121,17 @@ export class JournalWriter {
   append(json: string): Promise<RecordLocation> {
     if (this.failed !== undefined) return Promise.reject(this.failedError());
     return new Promise((resolve, reject) => {
-      this.queue.push({ line: encodeLine(json), resolve, reject });
+      this.queue.push({ json, resolve, reject });
       if (!this.flushing) void this.flush();
     });
   }
 
   private failedError(): CairnError {
+    if (this.failed instanceof CairnError) return this.failed;
     return new CairnError(
       "STORE_UNAVAILABLE",
-      `An earlier write to ${this.file} failed, so no further checkpoint is written by this process (a failed fsync is never retried as if it had succeeded). ` +
-        `Fix the cause (disk space, permissions) and resume the thread.`,
+      `An earlier write to ${this.file} failed (${(this.failed as Error)?.message ?? this.failed}), so this process writes no further checkpoint to it: ` +
+        `a failed write or fsync is never retried as if it had succeeded. Fix the cause (disk space, permissions) and resume the thread.`,
       { file: this.file },
       { cause: this.failed },
     );
@@ -127,12 +141,23 @@ export class JournalWriter {
     this.flushing = true;
     while (this.queue.length > 0) {
       const batch = this.queue.splice(0);
-      const buffers = batch.map((b) => Buffer.from(b.line, "utf8"));
+      const start = this.end;
+      const buffers = batch.map((b) => Buffer.from(encodeLine(b.json, start), "utf8"));
       const all = Buffer.concat(buffers);
       try {
+        // Another process appending to this thread would make our offsets wrong: refuse rather than guess.
+        const { size } = await this.handle.stat();
+        if (size !== start) {
+          throw new CairnError(
+            "STORE_UNAVAILABLE",
+            `Another process wrote to ${this.file} while this one was writing it (its size is ${size}, expected ${start}). ` +
+              `A thread must have one writer at a time: stop the other run, then resume the thread.`,
+            { file: this.file },
+          );
+        }
         let written = 0;
         while (written < all.length) {
-          const { bytesWritten } = await this.handle.write(all, written, all.length - written);
+          const { bytesWritten } = await this.handle.write(all, written, all.length - written, start + written);
           written += bytesWritten;
         }
         // The commit point: until fdatasync returns, none of these records may be reported as saved.
@@ -143,7 +168,7 @@ export class JournalWriter {
         for (const b of this.queue.splice(0)) b.reject(this.failedError());
         break;
       }
-      let offset = this.end;
+      let offset = start;
       for (let i = 0; i < batch.length; i += 1) {
         const length = buffers[i]!.length;
         batch[i]!.resolve({ offset, length });
@@ -159,12 +184,23 @@ export class JournalWriter {
   }
 }
 
+/** Create a new journal holding one first record; fails with EEXIST if the file is already there. */
+export async function createJournal(file: string, json: string): Promise<void> {
+  const handle = await open(file, "wx");
+  try {
+    await handle.write(encodeLine(json, 0));
+    await handle.datasync();
+  } finally {
+    await handle.close();
+  }
+}
+
 /** Read one record back, verifying its checksum. */
 export async function readRecord<T>(handle: FileHandle, file: string, loc: RecordLocation): Promise<T> {
   const buf = Buffer.alloc(loc.length);
   await handle.read(buf, 0, loc.length, loc.offset);
-  const json = decodeLine(buf.toString("utf8", 0, Math.max(0, loc.length - 1)));
-  if (json === undefined || buf[loc.length - 1] !== NEWLINE) {
+  const line = buf[loc.length - 1] === NEWLINE ? decodeLine(buf.toString("utf8", 0, loc.length - 1)) : undefined;
+  if (line === undefined) {
     throw new CairnError(
       "CHECKPOINT_CORRUPT",
       `Checkpoint journal ${file} is damaged: the record at byte ${loc.offset} no longer matches its checksum. ` +
@@ -172,5 +208,5 @@ export async function readRecord<T>(handle: FileHandle, file: string, loc: Recor
       { file, offset: loc.offset },
     );
   }
-  return JSON.parse(json) as T;
+  return JSON.parse(line.json) as T;
 }

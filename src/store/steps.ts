@@ -32,7 +32,8 @@ export function nodesThatRan(prev: Checkpoint["versions_seen"] | undefined, next
 
 /**
  * Nodes a checkpoint still has to run. In a LangGraph `StateGraph` a node is triggered by its
- * `branch:to:<node>` channel (the graph's entry by `__start__`); a trigger is pending while the channel
+ * `branch:to:<node>` channel, a node behind a multi-source edge by `join:<a+b>:<node>`, the graph's
+ * entry by `__start__`; a trigger is pending while the channel
  * still holds a value the node has not seen (LangGraph clears it, with a new version, once consumed).
  * Fan-out tasks wait in `__pregel_tasks`.
  */
@@ -41,7 +42,13 @@ export function pendingNodes(checkpoint: Checkpoint): string[] {
   for (const [channel, version] of Object.entries(checkpoint.channel_versions)) {
     let node: string | undefined;
     if (channel.startsWith("branch:to:")) node = channel.slice("branch:to:".length);
-    else if (channel === "__start__") node = "__start__";
+    else if (channel.startsWith("join:")) {
+      // join:a+b:c triggers c once both a and b have arrived; the value lists the arrivals so far.
+      const sources = channel.slice("join:".length, channel.lastIndexOf(":")).split("+");
+      const arrived = checkpoint.channel_values[channel];
+      if (!Array.isArray(arrived) || !sources.every((s) => arrived.includes(s))) continue;
+      node = channel.slice(channel.lastIndexOf(":") + 1);
+    } else if (channel === "__start__") node = "__start__";
     if (node === undefined || checkpoint.channel_values[channel] === undefined) continue;
     const seen = checkpoint.versions_seen[node]?.[channel];
     if (seen === undefined || compareChannelVersions(version, seen) > 0) pending.add(node);

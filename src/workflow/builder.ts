@@ -182,6 +182,22 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
 
   /** Validate an input against the state schema; throws INVALID_INPUT listing the fields at fault. */
   parseInput(input: unknown): z.infer<Schema> {
+    const fields = Object.keys(this.schema.shape);
+    if (typeof input === "object" && input !== null && !Array.isArray(input)) {
+      const unknown = Object.keys(input).filter((k) => !fields.includes(k));
+      if (unknown.length) {
+        // zod would drop them silently, and a misspelt field would quietly run with a default.
+        const described = unknown.map((k) => {
+          const near = closest(k, fields);
+          return near ? `"${k}" (did you mean "${near}"?)` : `"${k}"`;
+        });
+        throw new CairnError(
+          "INVALID_INPUT",
+          `Input for workflow "${this.name}" has field(s) its state schema does not declare: ${described.join(", ")}. Fields: ${fields.join(", ")}.`,
+          { fields: unknown },
+        );
+      }
+    }
     const result = this.schema.safeParse(input ?? {});
     if (!result.success) {
       throw new CairnError(
@@ -200,7 +216,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
     return node;
   }
 
-  /** The node that starts a step in the graph. */
+  /** Whether a step is a fan-out (`.map`). */
   isMapStep(step: string): boolean {
     return this.defs.some((d) => d.name === step && d.kind === "map");
   }
@@ -383,6 +399,32 @@ export function appendList<T extends z.ZodType>(item: T) {
     .array(item)
     .default([])
     .register(registry, { reducer: { fn: (a: z.infer<T>[], b: z.infer<T>[] | z.infer<T>) => a.concat(b as z.infer<T>[]) }, default: () => [] as z.infer<T>[] });
+}
+
+/** The candidate nearest to `word` by edit distance, if it is close enough to be a likely typo. */
+function closest(word: string, candidates: readonly string[]): string | undefined {
+  let best: string | undefined;
+  let bestDistance = Math.max(2, Math.floor(word.length / 3)) + 1;
+  for (const c of candidates) {
+    const d = editDistance(word.toLowerCase(), c.toLowerCase());
+    if (d < bestDistance) {
+      best = c;
+      bestDistance = d;
+    }
+  }
+  return best;
+}
+
+function editDistance(a: string, b: string): number {
+  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i += 1) {
+    const cur = [i];
+    for (let j = 1; j <= b.length; j += 1) {
+      cur[j] = Math.min(prev[j]! + 1, cur[j - 1]! + 1, prev[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+    }
+    prev = cur;
+  }
+  return prev[b.length]!;
 }
 
 export function unknownStep(workflowName: string, step: string, valid: readonly string[]): CairnError {

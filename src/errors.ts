@@ -14,7 +14,8 @@ export type CairnErrorCode =
   | "UNSUPPORTED_STORE"
   | "STORE_UNAVAILABLE"
   | "STEP_FAILED"
-  | "HISTORY_PRUNED";
+  | "HISTORY_PRUNED"
+  | "THREAD_LOCKED";
 
 /** Codes whose errors are the user's input at fault: the CLI exits 2 for them, before anything is written. */
 export const USAGE_ERROR_CODES: ReadonlySet<CairnErrorCode> = new Set<CairnErrorCode>([

@@ -1,6 +1,6 @@
-import { isAlive } from "./process.ts";
 import type { BaseCheckpointSaver, CheckpointTuple } from "@langchain/langgraph-checkpoint";
 import { CairnError } from "../errors.ts";
+import { processState } from "../store/process.ts";
 import { errorWrites, nodesThatRan, pendingNodes } from "../store/steps.ts";
 
 /** One checkpoint of a thread, as `cairn history` shows it. */
@@ -126,7 +126,7 @@ export function statusOf(tuple: CheckpointTuple): { status: ThreadStatus; next: 
   if (errors.length > 0) return { status: "failed", next, error: errors[0]!.message };
   if (next.length === 0 && !waitingWrites && tuple.metadata?.source !== "input") return { status: "completed", next };
   const meta = cairnMeta(tuple);
-  if (meta.pid !== undefined && isAlive(meta.pid, meta.host)) return { status: "running", next };
+  if (meta.pid !== undefined && processState(meta.pid, meta.host) === "alive") return { status: "running", next };
   return { status: "interrupted", next };
 }
 

@@ -1,4 +1,5 @@
-import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile, type FileHandle } from "node:fs/promises";
+import { link, mkdir, open, readdir, readFile, rename, rm, stat, unlink, writeFile, type FileHandle } from "node:fs/promises";
+import { hostname } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import type { RunnableConfig } from "@langchain/core/runnables";
 import {
@@ -21,13 +22,27 @@ import {
 import { CairnError } from "../errors.ts";
 import { JournalWriter, createJournal, readRecord, scanLines, type RecordLocation } from "./journal.ts";
 import { decodeThreadDir, encodeThreadDir, stepFileName } from "./names.ts";
+import { processState } from "./process.ts";
 import { isInternalChannel, nodesThatRan } from "./steps.ts";
+import { uniqueVersion } from "./versions.ts";
 
 /** The version of the on-disk format this code writes. Readers refuse newer versions with a clear error. */
 export const FILE_STORE_FORMAT_VERSION = 1;
 
 const STORE_MARKER = "cairn-store.json";
 const JOURNAL = "journal.log";
+const LOCK = "writer.lock";
+
+/** Who holds a thread's writer lock. */
+interface LockHolder {
+  pid: number;
+  host: string;
+  since: string;
+  /** The saver object holding it, so two savers in one process exclude each other too. */
+  saver: string;
+}
+
+let saverCount = 0;
 
 /** A serialized value as it sits in a record: inline JSON when the serializer produced JSON, else base64. */
 type EncodedValue = { t: "json"; d: unknown } | { t: "undefined" } | { t: "empty" } | { t: string; b64: string };
@@ -130,12 +145,23 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   private markerWritten?: Promise<void>;
   /** Thread creations under way, so concurrent first writes to a thread create it once. */
   private creating = new Map<string, Promise<void>>();
+  private readonly saverId = `${process.pid}-${(saverCount += 1)}-${Date.now().toString(36)}`;
+  private tmpCount = 0;
 
   constructor(options: FileCheckpointSaverOptions) {
     super(options.serde);
     this.dir = options.dir;
     this.threadsDir = join(options.dir, "threads");
     this.stepFiles = options.stepFiles ?? true;
+  }
+
+  /**
+   * Channel versions unique to each write (`0000000003.48213377`): values are stored once per
+   * (channel, version), so versions must never repeat across branches of a thread (a from-step fork
+   * mints versions again from an older checkpoint), or one branch would overwrite another's values.
+   */
+  override getNextVersion(current: number | undefined): number {
+    return uniqueVersion(current, 10, 8) as unknown as number;
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -365,7 +391,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       await cached.reader?.close();
     }
     const dir = this.threadDir(threadId);
-    const trash = join(this.threadsDir, `.deleted-${encodeThreadDir(threadId)}-${process.pid}-${Date.now()}`);
+    const trash = join(this.threadsDir, `.deleted-${this.saverId}-${(this.tmpCount += 1)}`);
     try {
       // Rename first: the thread disappears in one step, and a crash mid-delete leaves only a dot-folder.
       await rename(dir, trash);
@@ -383,7 +409,10 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     this.indexes.clear();
     for (const p of all) {
       const index = await p.catch(() => undefined);
-      await index?.writer?.close();
+      if (index?.writer) {
+        await index.writer.close();
+        await this.releaseLock(index);
+      }
       await index?.reader?.close();
     }
   }
@@ -521,12 +550,69 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     }
     if (!index.writer) {
       index.opening ??= (async () => {
+        await this.ensureMarker();
+        await this.acquireLock(index);
+        // Scan again under the lock: only bytes past the last good record (a torn tail) are cut.
         await this.refresh(index);
         index.writer = await JournalWriter.open(index.file, index.validEnd);
       })();
-      await index.opening;
+      try {
+        await index.opening;
+      } catch (error) {
+        index.opening = undefined;
+        throw error;
+      }
     }
     return index;
+  }
+
+  /**
+   * Take the thread's writer lock: one writer per thread, across processes and saver objects. The lock
+   * file is made complete under a temporary name and linked into place, which fails if a lock exists. A
+   * lock whose process is gone (on this host) is moved aside and taken over.
+   */
+  private async acquireLock(index: ThreadIndex): Promise<void> {
+    const lock = join(index.dir, LOCK);
+    const mine: LockHolder = { pid: process.pid, host: hostname(), since: new Date().toISOString(), saver: this.saverId };
+    for (let attempt = 0; attempt < 5; attempt += 1) {
+      const tmp = join(index.dir, `.${LOCK}.${this.saverId}`);
+      await writeFile(tmp, JSON.stringify(mine) + "\n");
+      try {
+        await link(tmp, lock);
+        return;
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw error;
+      } finally {
+        await unlink(tmp).catch(() => {});
+      }
+      const holder = await readLock(lock);
+      if (holder === "missing") continue; // released meanwhile: try again
+      if (holder !== "garbled" && holder.saver === this.saverId) return;
+      if (holder === "garbled" || processState(holder.pid, holder.host) === "dead") {
+        await rename(lock, `${lock}.stale-${this.saverId}`).then(
+          () => unlink(`${lock}.stale-${this.saverId}`),
+          () => {},
+        );
+        continue;
+      }
+      const who = holder.pid === process.pid && holder.host === hostname() ? "another store object in this process" : `pid ${holder.pid} on ${holder.host}`;
+      throw new CairnError(
+        "THREAD_LOCKED",
+        `Thread "${index.thread}" is being written by ${who} since ${holder.since}; a thread has one writer at a time. ` +
+          `Wait for that run to finish or stop it. If no such process is running, delete ${lock}.`,
+        { thread: index.thread, file: lock, holder },
+      );
+    }
+    throw new CairnError("THREAD_LOCKED", `Could not take the writer lock ${lock} of thread "${index.thread}" (it kept changing). Try again.`, {
+      thread: index.thread,
+      file: lock,
+    });
+  }
+
+  private async releaseLock(index: ThreadIndex): Promise<void> {
+    const lock = join(index.dir, LOCK);
+    const holder = await readLock(lock);
+    if (typeof holder === "object" && holder.saver === this.saverId) await unlink(lock).catch(() => {});
   }
 
   private async createThread(thread: string): Promise<void> {
@@ -643,10 +729,14 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       produced: tasks.length === 1 ? tasks[0] : tasks,
     };
     const name = stepFileName(index.rootCount, step);
-    const target = join(index.dir, name);
-    const tmp = join(index.dir, `.${name}.tmp`);
-    await writeFile(tmp, JSON.stringify(body, jsonForView, 2) + "\n");
-    await rename(tmp, target);
+    const tmp = join(index.dir, `.${name}.${this.saverId}-${(this.tmpCount += 1)}.tmp`);
+    try {
+      await writeFile(tmp, JSON.stringify(body, jsonForView, 2) + "\n");
+      await rename(tmp, join(index.dir, name));
+    } catch {
+      // The checkpoint is already saved; a missing view is not worth failing the step for.
+      await unlink(tmp).catch(() => {});
+    }
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -707,6 +797,23 @@ function newerFormat(file: string, version: number): CairnError {
     `${file} was written by a newer cairn (format version ${version}; this cairn reads up to ${FILE_STORE_FORMAT_VERSION}). Upgrade cairn to read this store.`,
     { file },
   );
+}
+
+/** The lock's holder; "garbled" for a lock file that is not one cairn wrote whole (taken over as stale). */
+async function readLock(file: string): Promise<LockHolder | "missing" | "garbled"> {
+  let text: string;
+  try {
+    text = await readFile(file, "utf8");
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === "ENOENT") return "missing";
+    throw error;
+  }
+  try {
+    const holder = JSON.parse(text) as Partial<LockHolder>;
+    return typeof holder.pid === "number" && typeof holder.saver === "string" ? (holder as LockHolder) : "garbled";
+  } catch {
+    return "garbled";
+  }
 }
 
 async function fsyncDir(dir: string): Promise<void> {

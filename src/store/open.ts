@@ -1,5 +1,5 @@
-import { randomInt } from "node:crypto";
 import { mkdir } from "node:fs/promises";
+import { uniqueVersion } from "./versions.ts";
 import { dirname, resolve } from "node:path";
 import type { BaseCheckpointSaver, ChannelVersions } from "@langchain/langgraph-checkpoint";
 import { CairnError } from "../errors.ts";
@@ -229,11 +229,7 @@ async function openSqlite(path: string): Promise<OpenedStore> {
  * @internal Exported for tests.
  */
 export function nextChannelVersion(current: ChannelVersions[string] | undefined): string {
-  let n = 0;
-  if (typeof current === "number") n = Math.trunc(current);
-  else if (typeof current === "string") n = Number.parseInt(current.split(".")[0] ?? "0", 10) || 0;
-  const random = `${randomInt(1e8)}`.padStart(8, "0") + `${randomInt(1e8)}`.padStart(8, "0");
-  return `${String(n + 1).padStart(32, "0")}.${random}`;
+  return uniqueVersion(current, 32, 16);
 }
 
 async function openPostgres(target: Extract<StoreTarget, { kind: "postgres" }>): Promise<OpenedStore> {

@@ -13,8 +13,8 @@ export type { RunTarget } from "./run/prepare.ts";
 export type { CairnMetadata } from "./run/recording.ts";
 
 // Reading
-export { latestTuple, readHistory, statusOf } from "./inspect/history.ts";
-export type { HistoryEntry, ThreadStatus, ThreadSummary } from "./inspect/history.ts";
+export { latestTuple, readHistory, savedWork, statusOf } from "./inspect/history.ts";
+export type { HistoryEntry, SavedWork, ThreadStatus, ThreadSummary } from "./inspect/history.ts";
 export { stateAt, listThreads } from "./inspect/state.ts";
 export type { StateAt } from "./inspect/state.ts";
 

@@ -1,4 +1,5 @@
 import type { BaseCheckpointSaver, CheckpointTuple } from "@langchain/langgraph-checkpoint";
+import { DONE_CHANNEL, MAP_PREFIX } from "../channels.ts";
 import { CairnError } from "../errors.ts";
 import { processState } from "../store/process.ts";
 import { errorWrites, nodesThatRan, pendingNodes } from "../store/steps.ts";
@@ -146,4 +147,41 @@ export async function summarizeThread(saver: BaseCheckpointSaver, thread: string
     error,
     next,
   };
+}
+
+/** The work a resume of a thread will not redo. */
+export interface SavedWork {
+  /** Steps finished on the thread's current branch, in the order they first finished. */
+  steps: string[];
+  /** For fan-out steps that have not finished: the indexes of the items whose results are saved. */
+  items: Record<string, number[]>;
+}
+
+/**
+ * What a thread has saved, as a resume will find it: finished steps, including those whose output is
+ * saved but not yet folded into a checkpoint, and the finished items of an unfinished fan-out.
+ */
+export async function savedWork(saver: BaseCheckpointSaver, thread: string): Promise<SavedWork> {
+  const tuple = await saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
+  if (!tuple) return { steps: [], items: {} };
+  const values = tuple.checkpoint.channel_values as Record<string, unknown>;
+  const steps: string[] = [];
+  const items: Record<string, Set<number>> = {};
+  const addSteps = (list: unknown) => {
+    for (const s of (list as string[] | undefined) ?? []) if (!steps.includes(s)) steps.push(s);
+  };
+  const addItems = (channel: string, parts: unknown) => {
+    const step = channel.slice(MAP_PREFIX.length);
+    for (const part of (parts as { i: number }[] | undefined) ?? []) (items[step] ??= new Set()).add(part.i);
+  };
+  if (DONE_CHANNEL in values) addSteps(values[DONE_CHANNEL]);
+  else addSteps(currentBranch(await readHistory(saver, thread)).flatMap((e) => e.steps));
+  for (const [channel, value] of Object.entries(values)) if (channel.startsWith(MAP_PREFIX)) addItems(channel, value);
+  for (const [, channel, value] of tuple.pendingWrites ?? []) {
+    if (channel === DONE_CHANNEL) addSteps(value);
+    else if (channel.startsWith(MAP_PREFIX)) addItems(channel, value);
+  }
+  const out: Record<string, number[]> = {};
+  for (const [step, set] of Object.entries(items)) if (!steps.includes(step)) out[step] = [...set].sort((a, b) => a - b);
+  return { steps, items: out };
 }

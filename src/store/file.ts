@@ -19,6 +19,7 @@ import {
   type PendingWrite,
   type SerializerProtocol,
 } from "@langchain/langgraph-checkpoint";
+import { MAP_PREFIX } from "../channels.ts";
 import { CairnError } from "../errors.ts";
 import { JournalWriter, createJournal, readRecord, scanLines, type RecordLocation } from "./journal.ts";
 import { decodeThreadDir, encodeThreadDir, stepFileName } from "./names.ts";
@@ -782,7 +783,7 @@ function matchesFilter(metadata: unknown, filter: Record<string, unknown>): bool
 
 /** Channels worth showing in a step file: state fields, and a fan-out item's result. */
 function isReadableChannel(channel: string): boolean {
-  return channel.startsWith("__cairn_map_") || !isInternalChannel(channel);
+  return channel.startsWith(MAP_PREFIX) || !isInternalChannel(channel);
 }
 
 function jsonForView(_key: string, value: unknown): unknown {

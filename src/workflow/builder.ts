@@ -5,11 +5,9 @@ import { z } from "zod";
 import { CairnError } from "../errors.ts";
 import type { RunRuntime } from "./instrument.ts";
 
-/** Internal channels cairn adds to a workflow's state. Their names start with `__cairn_`. */
-export const DONE_CHANNEL = "__cairn_done";
-export const undoChannel = (step: string) => `__cairn_undo_${step}`;
-export const mapChannel = (step: string) => `__cairn_map_${step}`;
-export const gatherNode = (step: string) => `${step}__gather`;
+import { DONE_CHANNEL, gatherNode, mapChannel, undoChannel } from "../channels.ts";
+
+export { DONE_CHANNEL, gatherNode, mapChannel, undoChannel };
 
 /** The record a step leaves the first time it finishes: the values of the fields it changed, as they were. */
 export interface UndoRecord {

@@ -2,7 +2,7 @@ import { RunnableLambda, type Runnable, type RunnableConfig } from "@langchain/c
 import { StateGraph, type BaseCheckpointSaver } from "@langchain/langgraph";
 import { CairnError } from "../errors.ts";
 import { isWorkflow, taskIdOf, type Workflow } from "../workflow/builder.ts";
-import { RunRuntime, type RunEvent } from "../workflow/instrument.ts";
+import { markSharedSignal, RunRuntime, type RunEvent } from "../workflow/instrument.ts";
 import { RecordingSaver } from "./recording.ts";
 
 /** Anything cairn can run: a cairn workflow, or a plain (uncompiled) LangGraph `StateGraph`. */
@@ -92,7 +92,10 @@ function compileInstrumented(builder: StateGraph<any, any, any, any, any, any>, 
     originals.set(name, spec.runnable);
     const inner = spec.runnable;
     spec.runnable = RunnableLambda.from(async (input: unknown, config?: RunnableConfig) =>
-      runtime.task(name, undefined, taskIdOf(config), () => inner.invoke(input, { ...config, signal: runtime.signal })),
+      runtime.task(name, undefined, taskIdOf(config), () => {
+        markSharedSignal(config);
+        return inner.invoke(input, { ...config, signal: runtime.signal });
+      }),
     ).withConfig({ runName: name }) as unknown as Runnable;
   }
   try {

@@ -3,7 +3,7 @@ import { registry } from "@langchain/langgraph/zod";
 import type { RunnableConfig } from "@langchain/core/runnables";
 import { z } from "zod";
 import { CairnError } from "../errors.ts";
-import type { RunRuntime } from "./instrument.ts";
+import { markSharedSignal, type RunRuntime } from "./instrument.ts";
 
 import { DONE_CHANNEL, gatherNode, mapChannel, undoChannel } from "../channels.ts";
 
@@ -287,6 +287,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
       if (def.kind === "step") {
         graph.addNode(def.name, async (state: Record<string, unknown>, config: RunnableConfig) =>
           runtime.task(def.name, undefined, taskIdOf(config), async () => {
+            markSharedSignal(config);
             const update = this.checkUpdate(def.name, await def.fn!(userView(state), ctxFor(def.name, config)));
             return { ...update, ...bookkeeping(def.name, state, Object.keys(update)) };
           }),
@@ -295,6 +296,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
         const map = def.map!;
         graph.addNode(def.name, async (arg: { __cairn_item: unknown; __cairn_index: number }, config: RunnableConfig) =>
           runtime.task(def.name, arg.__cairn_index, taskIdOf(config), async () => {
+            markSharedSignal(config);
             const ctx: ItemContext = { ...ctxFor(def.name, config, arg.__cairn_index), index: arg.__cairn_index };
             const result = await map.run(arg.__cairn_item, ctx);
             return { [mapChannel(def.name)]: [{ i: arg.__cairn_index, r: result }] };

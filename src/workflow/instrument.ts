@@ -1,3 +1,5 @@
+import { setMaxListeners } from "node:events";
+
 /**
  * What every node of a cairn run goes through, for cairn workflows and plain LangGraph graphs alike:
  * timing, events, a run-scoped abort signal, and the rule that a failing task waits for its running
@@ -10,6 +12,14 @@
  * the sibling's writes, not by its node function returning: LangGraph still has to run the task's
  * writers after that, and an abort in between would turn a finished item into a failed one.
  */
+
+/**
+ * LangGraph races every task of a superstep against one abort signal, so a fan-out wider than ten trips
+ * Node's listener-leak warning on it. That signal is shared on purpose; say so before the tasks pile up.
+ */
+export function markSharedSignal(config: { signal?: AbortSignal } | undefined): void {
+  if (config?.signal) setMaxListeners(0, config.signal);
+}
 
 /** Events a run emits; the CLI renders them and programs can subscribe. */
 export type RunEvent =

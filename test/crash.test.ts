@@ -7,6 +7,7 @@ import { fileURLToPath } from "node:url";
 import { isDeepStrictEqual } from "node:util";
 import { describe, expect, it } from "vitest";
 import { FileCheckpointSaver, savedWork } from "cairn";
+import { seededRandom } from "../graphs/lib/random.ts";
 import crashGraph, { FAN_OUT_STEP, FAN_OUT_WIDTH } from "./fixtures/crash-graph.ts";
 
 /**
@@ -37,17 +38,6 @@ const KEYS = crashGraph.steps.flatMap((step) =>
   step === FAN_OUT_STEP ? Array.from({ length: FAN_OUT_WIDTH }, (_, i) => `${step}#${i}`) : [step],
 );
 
-/** mulberry32: kill delays and choices come from CRASH_SEED alone. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** When to SIGKILL a child: some time after it was spawned, or after it logged its first step start. */
 interface KillPlan {
@@ -345,7 +335,7 @@ describe("crash recovery: SIGKILL at random moments, then resume", () => {
       // Re-measured whenever a run outlives its planned kill: the machine's pace drifts during the test.
       let stepsMs = span(ref);
 
-      const random = prng(SEED);
+      const random = seededRandom(SEED);
       // Most kills land anywhere from the first step to the process's exit (a resume's exit comes sooner:
       // `share` is the part of the steps it has left); a few land in the startup, where the store is
       // opened and the thread and its input checkpoint are written.

@@ -1,4 +1,5 @@
 import { spawnSync } from "node:child_process";
+import { expectCode, rejection } from "./helpers/errors.ts";
 import { mkdir, mkdtemp, readdir, readFile, rm, stat, truncate, writeFile } from "node:fs/promises";
 import { hostname, tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -102,20 +103,6 @@ async function idsOf(saver: FileCheckpointSaver, thread: string): Promise<string
   return (await listAll(saver, thread)).map((t) => t.checkpoint.id).sort();
 }
 
-/** The error a promise rejects with; fails the test if it resolves. */
-async function rejection(promise: Promise<unknown>): Promise<unknown> {
-  try {
-    await promise;
-  } catch (error) {
-    return error;
-  }
-  return expect.fail("expected a rejection");
-}
-
-/** Assert a CairnError with `code`; on mismatch the failure shows the error actually thrown. */
-function expectCode(error: unknown, code: CairnErrorCode): asserts error is CairnError {
-  if (!isCairnError(error, code)) expect.fail(`expected a CairnError ${code}, got: ${error instanceof Error ? `${error.name}: ${error.message}` : String(error)}`);
-}
 
 interface JournalLine {
   offset: number;

@@ -1,6 +1,7 @@
 import { BaseChatModel, type BaseChatModelParams } from "@langchain/core/language_models/chat_models";
 import { AIMessage, type BaseMessage } from "@langchain/core/messages";
 import type { ChatResult } from "@langchain/core/outputs";
+import { hashText, seededRandom } from "./random.ts";
 
 /**
  * A deterministic stand-in for a chat model, so the example graphs run offline with no API key. It is a
@@ -25,7 +26,7 @@ export class StandInChatModel extends BaseChatModel {
   async _generate(messages: BaseMessage[], options: this["ParsedCallOptions"]): Promise<ChatResult> {
     const prompt = messages.map((m) => (typeof m.content === "string" ? m.content : JSON.stringify(m.content))).join("\n");
     await sleep(this.delayMs, options.signal);
-    const rand = mulberry32(hash(prompt) ^ this.seed);
+    const rand = seededRandom(hashText(prompt) ^ this.seed);
     const sentences = Number(/\[sentences:(\d+)\]/.exec(prompt)?.[1] ?? 3);
     const topicWords = prompt
       .replace(/\[[^\]]*\]/g, " ")
@@ -66,23 +67,6 @@ function sentence(rand: () => number, words: string[]): string {
   const out = Array.from({ length: n }, () => pool[Math.floor(rand() * pool.length)]!.toLowerCase());
   out[0] = out[0]!.charAt(0).toUpperCase() + out[0]!.slice(1);
   return `${out.join(" ")}.`;
-}
-
-function hash(text: string): number {
-  let h = 2166136261;
-  for (let i = 0; i < text.length; i += 1) h = Math.imul(h ^ text.charCodeAt(i), 16777619);
-  return h >>> 0;
-}
-
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 function sleep(ms: number, signal?: AbortSignal): Promise<void> {

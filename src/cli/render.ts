@@ -66,3 +66,13 @@ export function stepReporter(io: Io, verbose: boolean): { onEvent: (e: RunEvent)
   };
   return { onEvent, stepsDone: () => done };
 }
+
+/** The end of a run or resume: the final state, as JSON on stdout with --json or field by field. */
+export function renderFinalState(io: Io, state: Record<string, unknown>, json: boolean): void {
+  if (json) {
+    io.out(JSON.stringify(state, null, 2));
+    return;
+  }
+  io.out("Final state:");
+  renderState(io, state);
+}

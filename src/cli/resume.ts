@@ -1,7 +1,7 @@
 import { isCairnError, loadGraph, resume } from "../index.ts";
 import { COMMON_OPTIONS, onePositional, parse } from "./args.ts";
 import { explainStepFailure } from "./failure.ts";
-import { formatDuration, plural, renderState, stepReporter, type Io } from "./render.ts";
+import { formatDuration, plural, renderFinalState, stepReporter, type Io } from "./render.ts";
 import { CairnError } from "../index.ts";
 
 export const usage = `cairn resume <graph.ts> --thread <id> [--from-step <name> | --checkpoint <id>] [--store <uri>] [--json] [--verbose]
@@ -37,11 +37,7 @@ export async function resumeCommand(argv: string[], io: Io): Promise<number> {
     } else {
       io.err(`completed thread ${result.thread}: ${plural(reporter.stepsDone(), "step")} run in ${formatDuration(Date.now() - started)}`);
     }
-    if (values.json) io.out(JSON.stringify(result.state, null, 2));
-    else {
-      io.out("Final state:");
-      renderState(io, result.state as Record<string, unknown>);
-    }
+    renderFinalState(io, result.state as Record<string, unknown>, values.json);
     return 0;
   } catch (error) {
     if (isCairnError(error, "STEP_FAILED")) return explainStepFailure(io, error, file, values.store, values.verbose);

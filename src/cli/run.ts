@@ -1,6 +1,6 @@
 import { isCairnError, loadGraph, run } from "../index.ts";
 import { COMMON_OPTIONS, onePositional, parse, readInput } from "./args.ts";
-import { formatDuration, plural, renderState, stepReporter, type Io } from "./render.ts";
+import { formatDuration, plural, renderFinalState, stepReporter, type Io } from "./render.ts";
 import { explainStepFailure } from "./failure.ts";
 
 export const usage = `cairn run <graph.ts> [--input '<json>' | --input @file.json] [--thread <id>] [--store <uri>] [--json] [--verbose]
@@ -22,13 +22,8 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
   const thread = values.thread;
   try {
     const result = await run(target, { input, thread, store: values.store, onEvent: reporter.onEvent, onStart: (t) => io.err(`thread ${t.thread} · store ${t.store}`) });
-    if (values.json) {
-      io.out(JSON.stringify(result.state, null, 2));
-    } else {
-      io.err(`completed thread ${result.thread}: ${plural(reporter.stepsDone(), "step")} in ${formatDuration(Date.now() - started)}`);
-      io.out("Final state:");
-      renderState(io, result.state as Record<string, unknown>);
-    }
+    io.err(`completed thread ${result.thread}: ${plural(reporter.stepsDone(), "step")} in ${formatDuration(Date.now() - started)}`);
+    renderFinalState(io, result.state as Record<string, unknown>, values.json);
     return 0;
   } catch (error) {
     if (isCairnError(error, "STEP_FAILED")) return explainStepFailure(io, error, file, values.store, values.verbose);

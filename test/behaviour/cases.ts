@@ -6,6 +6,7 @@
  * Every step counts its executions in a map the test owns, so "ran exactly once" is asserted, not
  * assumed; every workflow appends to a reducer field, so a step applied twice shows in the final state.
  */
+import { expectCode, rejection } from "../helpers/errors.ts";
 import type { RunnableConfig } from "@langchain/core/runnables";
 import { Annotation, END, Send, START, StateGraph } from "@langchain/langgraph";
 import {
@@ -66,20 +67,6 @@ class Counter {
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 const threadId = (label: string) => `${label}-${nanoid(10)}`;
 
-/** The error a promise rejects with; fails the test if it resolves. */
-async function rejection(promise: Promise<unknown>): Promise<unknown> {
-  try {
-    await promise;
-  } catch (error) {
-    return error;
-  }
-  return expect.fail("expected a rejection");
-}
-
-/** Assert a CairnError with `code`; on mismatch the failure shows the error actually thrown. */
-function expectCode(error: unknown, code: CairnErrorCode): asserts error is CairnError {
-  expect(isCairnError(error) ? error.code : error).toBe(code);
-}
 
 const STEPS = ["s1", "s2", "s3", "s4", "s5"] as const;
 type FiveStep = (typeof STEPS)[number];

@@ -156,6 +156,10 @@ async function exists(path: string): Promise<boolean> {
  */
 async function crash(saver: FileCheckpointSaver, dir: string, thread: string): Promise<void> {
   await saver.close();
+  // A killed process never appends the "end" record of a clean close.
+  const file = journalOf(dir, thread);
+  const last = (await journalLines(file)).at(-1);
+  if (last?.record.k === "end") await truncate(file, last.offset);
   const dead = spawnSync(process.execPath, ["-e", ""]).pid;
   const lock = join(dir, "threads", thread, "writer.lock");
   await writeFile(lock, JSON.stringify({ pid: dead, host: hostname(), since: new Date().toISOString(), saver: "killed" }) + "\n");
@@ -195,7 +199,7 @@ describe("FileCheckpointSaver: a torn tail (a crash mid-write) loses only the un
       expect((await latestOf(third, "t"))?.checkpoint.channel_values).toEqual(next!.values);
       expect((await third.getTuple(config("t", puts[1]!.id)))?.checkpoint.channel_values).toEqual(puts[1]!.values);
       const lines = await journalLines(file);
-      expect(lines.map((l) => l.record.id ?? l.record.k)).toEqual(["hdr", puts[0]!.id, puts[1]!.id, next!.id]);
+      expect(lines.map((l) => (l.record.k === "cp" ? l.record.id : l.record.k))).toEqual(["hdr", puts[0]!.id, puts[1]!.id, next!.id, "end"]);
     });
   }
 
@@ -661,5 +665,103 @@ describe("FileCheckpointSaver: history is never edited", () => {
       expect((await reader.getTuple(config("t", left.id)))?.checkpoint.channel_values).toEqual({ x: "left" });
       expect((await reader.getTuple(config("t", right.id)))?.checkpoint.channel_values).toEqual({ x: "right" });
     }
+  });
+});
+
+// -------------------------------------------------------------------------------------------------
+// Clean closes, deletes and lost locks
+
+describe("FileCheckpointSaver: what a clean close, a delete and a lost lock mean", () => {
+  it("damage in the last write of a cleanly closed journal is CHECKPOINT_CORRUPT, not a torn tail to drop", async () => {
+    const dir = await tempStore();
+    const saver = saverOn(dir);
+    const [parent] = await putChain(saver, "t", 1);
+    await Promise.all(["a", "b", "c"].map((task) => saver.putWrites(config("t", parent!.id), [["out", task]], task)));
+    await saver.close();
+    const file = journalOf(dir, "t");
+    const lines = await journalLines(file);
+    expect(lines.at(-1)?.record.k).toBe("end");
+    const lastWrite = lines.filter((l) => l.record.k === "w").at(-1)!;
+    await damageByte(file, lastWrite.offset + Math.floor(lastWrite.length / 2));
+    expectCode(await rejection(saverOn(dir).getTuple(config("t", parent!.id))), "CHECKPOINT_CORRUPT");
+    // Nothing was cut: the damaged bytes are still there for inspection.
+    expect((await readFile(file)).length).toBe(lines.at(-1)!.offset + lines.at(-1)!.length);
+  });
+
+  it("a thread another saver is writing cannot be deleted from under it", async () => {
+    const dir = await tempStore();
+    const writer = saverOn(dir);
+    await putChain(writer, "t", 1);
+    expectCode(await rejection(saverOn(dir).deleteThread("t")), "THREAD_LOCKED");
+    expect(await latestOf(saverOn(dir), "t")).toBeDefined();
+    await writer.close();
+    await saverOn(dir).deleteThread("t");
+    expect(await latestOf(saverOn(dir), "t")).toBeUndefined();
+  });
+
+  it("a reader sees a thread that was deleted and made again as the new thread, never the old one", async () => {
+    const dir = await tempStore();
+    const reader = saverOn(dir);
+    const first = saverOn(dir);
+    const [old] = await putChain(first, "t", 1, { label: "old" });
+    expect((await latestOf(reader, "t"))?.checkpoint.id).toBe(old!.id);
+    await first.deleteThread("t");
+    await first.close();
+    expect(await latestOf(reader, "t")).toBeUndefined();
+    const [fresh] = await putChain(saverOn(dir), "t", 3, { label: "new" });
+    expect((await latestOf(reader, "t"))?.checkpoint.channel_values).toEqual((await latestOf(saverOn(dir), "t"))?.checkpoint.channel_values);
+    expect(await idsOf(reader, "t")).not.toContain(old!.id);
+    expect(fresh).toBeDefined();
+  });
+
+  it("a writer whose lock was removed and taken by another stops writing with THREAD_LOCKED", async () => {
+    const dir = await tempStore();
+    const a = saverOn(dir);
+    const [p1] = await putChain(a, "t", 1);
+    await rm(join(dir, "threads", "t", "writer.lock"));
+    const b = saverOn(dir);
+    const [p2] = await putChain(b, "t", 1, { after: p1! });
+    const error = await rejection(putChain(a, "t", 1, { after: p1!, label: "A after losing its lock" }));
+    expectCode(error, "THREAD_LOCKED");
+    expect(error.message).toContain("no longer holds the writer lock");
+    expect((await latestOf(saverOn(dir), "t"))?.checkpoint.id).toBe(p2!.id);
+  });
+
+  it("close() during a first write leaves no lock behind", async () => {
+    const dir = await tempStore();
+    const a = saverOn(dir);
+    const putting = putChain(a, "t", 1);
+    await a.close();
+    await putting.catch(() => {});
+    await a.close();
+    const [after] = await putChain(saverOn(dir), "t", 1, { label: "another saver" });
+    expect((await latestOf(saverOn(dir), "t"))?.checkpoint.id).toBe(after!.id);
+  });
+
+  it("a journal whose creation was cut short (no complete header) is no thread, and the thread can be made again", async () => {
+    const dir = await tempStore();
+    await mkdir(join(dir, "threads", "t"), { recursive: true });
+    await writeFile(journalOf(dir, "t"), "0123abcd 00000000 {\"k\":\"hd");
+    expect(await latestOf(saverOn(dir), "t")).toBeUndefined();
+    const [p] = await putChain(saverOn(dir), "t", 1);
+    expect((await latestOf(saverOn(dir), "t"))?.checkpoint.id).toBe(p!.id);
+  });
+
+  it("a serializer that pretty-prints JSON still yields one record per line", async () => {
+    const dir = await tempStore();
+    const base = new FileCheckpointSaver({ dir }).serde;
+    const pretty = {
+      dumpsTyped: async (value: unknown) => {
+        const [type, data] = await base.dumpsTyped(value);
+        if (type !== "json") return [type, data] as [string, Uint8Array];
+        const text = typeof data === "string" ? data : new TextDecoder().decode(data);
+        return [type, new TextEncoder().encode(JSON.stringify(JSON.parse(text), null, 2))] as [string, Uint8Array];
+      },
+      loadsTyped: (type: string, data: Uint8Array | string) => base.loadsTyped(type, data),
+    };
+    const [p] = await putChain(saverOn(dir, { serde: pretty }), "t", 2);
+    expect(p).toBeDefined();
+    const reopened = saverOn(dir, { serde: pretty });
+    expect(await idsOf(reopened, "t")).toHaveLength(2);
   });
 });

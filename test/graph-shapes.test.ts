@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { z } from "zod";
-import { isCairnError, listThreads, loadGraph, openStore, resume, run, stateAt, workflow } from "cairn";
+import { isCairnError, listThreads, loadGraph, openStore, resume, run, savedWork, stateAt, workflow } from "cairn";
 
 const root = new URL("..", import.meta.url).pathname;
 const joinGraph = join(root, "test/fixtures/join-graph.ts");
@@ -78,6 +78,35 @@ describe("input validation", () => {
       expect(isCairnError(error, "INVALID_INPUT")).toBe(true);
       expect((error as Error).message).toContain('"topc" (did you mean "topic"?)');
       expect(await store.listThreadIds()).toEqual([]);
+    } finally {
+      await store.close();
+    }
+  });
+});
+
+describe("savedWork", () => {
+  const failing = new Set<number>([3]);
+  const wf = workflow("saved", { state: z.object({ xs: z.array(z.number()).default([0, 1, 2, 3, 4]), ys: z.array(z.number()).default([]) }) })
+    .step("prepare", async () => ({}))
+    .map("double", {
+      over: (s) => s.xs,
+      run: async (x) => {
+        if (failing.has(x)) throw new Error(`item ${x} failed`);
+        return x * 2;
+      },
+      into: "ys",
+    });
+
+  it("names the finished steps and, for an unfinished fan-out, the items already saved", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "cairn-saved-"));
+    const store = await openStore(`file:${join(dir, "store")}`);
+    try {
+      const error = await run(wf, { thread: "s", store }).catch((e: unknown) => e);
+      expect(isCairnError(error, "STEP_FAILED")).toBe(true);
+      expect(await savedWork(store.saver, "s")).toEqual({ steps: ["prepare"], items: { double: [0, 1, 2, 4] } });
+      failing.clear();
+      await resume(wf, { thread: "s", store });
+      expect(await savedWork(store.saver, "s")).toEqual({ steps: ["prepare", "double"], items: {} });
     } finally {
       await store.close();
     }

@@ -167,12 +167,13 @@ export async function savedWork(saver: BaseCheckpointSaver, thread: string): Pro
   const values = tuple.checkpoint.channel_values as Record<string, unknown>;
   const steps: string[] = [];
   const items: Record<string, Set<number>> = {};
+  // Values are lists, except a reset the gather node writes (an Overwrite) once it has folded the items in.
   const addSteps = (list: unknown) => {
-    for (const s of (list as string[] | undefined) ?? []) if (!steps.includes(s)) steps.push(s);
+    if (Array.isArray(list)) for (const s of list as string[]) if (!steps.includes(s)) steps.push(s);
   };
   const addItems = (channel: string, parts: unknown) => {
     const step = channel.slice(MAP_PREFIX.length);
-    for (const part of (parts as { i: number }[] | undefined) ?? []) (items[step] ??= new Set()).add(part.i);
+    if (Array.isArray(parts)) for (const part of parts as { i: number }[]) (items[step] ??= new Set()).add(part.i);
   };
   if (DONE_CHANNEL in values) addSteps(values[DONE_CHANNEL]);
   else addSteps(currentBranch(await readHistory(saver, thread)).flatMap((e) => e.steps));

@@ -21,7 +21,7 @@ import {
 } from "@langchain/langgraph-checkpoint";
 import { MAP_PREFIX } from "../channels.ts";
 import { CairnError } from "../errors.ts";
-import { JournalWriter, createJournal, readRecord, scanLines, type RecordLocation } from "./journal.ts";
+import { JournalWriter, createJournal, decodeLine, readRecord, scanLines, type RecordLocation } from "./journal.ts";
 import { decodeThreadDir, encodeThreadDir, stepFileName } from "./names.ts";
 import { processState } from "./process.ts";
 import { isInternalChannel, nodesThatRan } from "./steps.ts";
@@ -54,6 +54,8 @@ interface HeaderRecord {
   v: number;
   thread: string;
   created: string;
+  /** Random: tells this journal from one made again after the thread was deleted. */
+  id?: string;
 }
 interface CheckpointRecord {
   k: "cp";
@@ -73,7 +75,12 @@ interface WritesRecord {
   path: string;
   w: ({ i: number; ch: string } & EncodedValue)[];
 }
-type JournalRecord = HeaderRecord | CheckpointRecord | WritesRecord;
+/** Appended by a writer that closes cleanly: every record before it was acknowledged. */
+interface EndRecord {
+  k: "end";
+  at: string;
+}
+type JournalRecord = HeaderRecord | CheckpointRecord | WritesRecord | EndRecord;
 
 interface CheckpointEntry extends RecordLocation {
   id: string;
@@ -101,6 +108,12 @@ interface ThreadIndex {
   opening?: Promise<void>;
   refreshing?: Promise<void>;
   reader?: FileHandle;
+  /** The journal this index describes: its header's id (a deleted and recreated thread is a new one). */
+  journalId?: string;
+  /** Whether this saver holds the thread's writer lock. */
+  locked?: boolean;
+  /** The kind of the last intact record scanned ("end" after a clean close). */
+  lastKind?: JournalRecord["k"];
 }
 
 export interface FileCheckpointSaverOptions {
@@ -384,12 +397,14 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   }
 
   async deleteThread(threadId: string): Promise<void> {
-    const cached = await this.indexes.get(threadId);
+    const index = await this.index(threadId);
+    // Deleting is writing: never pull a thread from under the process that is writing it.
+    if (index && !index.locked) await this.acquireLock(index);
     this.indexes.delete(threadId);
     this.lastSeen.delete(threadId);
-    if (cached) {
-      await cached.writer?.close();
-      await cached.reader?.close();
+    if (index) {
+      await index.writer?.close();
+      await index.reader?.close();
     }
     const dir = this.threadDir(threadId);
     const trash = join(this.threadsDir, `.deleted-${this.saverId}-${(this.tmpCount += 1)}`);
@@ -410,11 +425,17 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     this.indexes.clear();
     for (const p of all) {
       const index = await p.catch(() => undefined);
-      if (index?.writer) {
+      if (!index) continue;
+      await index.opening?.catch(() => {});
+      if (index.writer) {
+        // Mark the clean close; a failed write here only loses the mark, never a checkpoint.
+        await index.writer.append(JSON.stringify({ k: "end", at: new Date().toISOString() } satisfies EndRecord)).catch(() => {});
         await index.writer.close();
-        await this.releaseLock(index);
+        index.writer = undefined;
       }
-      await index?.reader?.close();
+      if (index.locked) await this.releaseLock(index);
+      await index.reader?.close();
+      index.reader = undefined;
     }
   }
 
@@ -423,6 +444,8 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
 
   /** The thread's index, refreshed if another process appended since it was built. */
   private async index(thread: string): Promise<ThreadIndex | undefined> {
+    // A thread being created by this saver is read once its creation (and its one index) is in place.
+    await this.creating.get(thread)?.catch(() => {});
     let pending = this.indexes.get(thread);
     if (!pending) {
       pending = this.loadIndex(thread);
@@ -440,7 +463,17 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       if (this.indexes.get(thread) === pending) this.indexes.delete(thread);
       return undefined;
     }
-    if (!index.writer) await this.refresh(index);
+    if (!index.writer) {
+      try {
+        await this.refresh(index);
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
+        // Deleted since this index was built.
+        await index.reader?.close();
+        if (this.indexes.get(thread) === pending) this.indexes.delete(thread);
+        return undefined;
+      }
+    }
     return index;
   }
 
@@ -466,7 +499,8 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       rootCount: 0,
     };
     await this.refresh(index);
-    return index;
+    // No complete record yet: the thread is being created (or its creation was cut short).
+    return index.validEnd === 0 ? undefined : index;
   }
 
   /** Read whatever the journal holds past what the index covers (one scan at a time per thread). */
@@ -477,17 +511,32 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   }
 
   private async scanTail(index: ThreadIndex): Promise<void> {
-    const { size } = await stat(index.file);
-    if (size <= index.validEnd) return;
     const handle = await open(index.file, "r");
     let bytes: Buffer;
     try {
+      const { size } = await handle.stat();
+      const journalId = await headerId(handle, size);
+      if ((index.journalId !== undefined && journalId !== index.journalId) || size < index.validEnd) {
+        // The thread was deleted and made again (or the file replaced): what this index knew is void.
+        await index.reader?.close();
+        index.reader = undefined;
+        Object.assign(index, { validEnd: 0, rootCount: 0, lastKind: undefined, checkpoints: new Map(), sorted: new Map(), blobs: new Map(), writes: new Map() });
+      }
+      index.journalId = journalId;
+      if (size <= index.validEnd) return;
       bytes = Buffer.alloc(size - index.validEnd);
       await handle.read(bytes, 0, bytes.length, index.validEnd);
     } finally {
       await handle.close();
     }
-    const { records, validEnd } = scanLines<JournalRecord>(index.file, bytes, index.validEnd);
+    const { records, validEnd, torn } = scanLines<JournalRecord>(index.file, bytes, index.validEnd);
+    const last = records.length ? records[records.length - 1]!.record.k : index.lastKind;
+    // Bad bytes after the last good record are an unfinished write, unless that record is the "end" a
+    // writer appends when it closes cleanly: nothing was being written then, so the bytes are damage.
+    if (torn && last === "end") {
+      throw new CheckpointCorrupt(index.file, validEnd, "the journal was closed cleanly, yet bytes after its end record no longer form intact records");
+    }
+    index.lastKind = last;
     for (const { record, offset, length } of records) {
       const loc = { offset, length };
       if (record.k === "hdr") {
@@ -550,17 +599,23 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       if (!index) throw new Error(`BUG: thread ${thread} was created but cannot be read back`);
     }
     if (!index.writer) {
-      index.opening ??= (async () => {
+      const opened = index;
+      opened.opening ??= (async () => {
         await this.ensureMarker();
-        await this.acquireLock(index);
-        // Scan again under the lock: only bytes past the last good record (a torn tail) are cut.
-        await this.refresh(index);
-        index.writer = await JournalWriter.open(index.file, index.validEnd);
+        await this.acquireLock(opened);
+        try {
+          // Scan again under the lock: only bytes past the last good record (a torn tail) are cut.
+          await this.refresh(opened);
+          opened.writer = await JournalWriter.open(opened.file, opened.validEnd, () => this.checkStillWriter(opened));
+        } catch (error) {
+          await this.releaseLock(opened);
+          throw error;
+        }
       })();
       try {
-        await index.opening;
+        await opened.opening;
       } catch (error) {
-        index.opening = undefined;
+        opened.opening = undefined;
         throw error;
       }
     }
@@ -580,6 +635,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       await writeFile(tmp, JSON.stringify(mine) + "\n");
       try {
         await link(tmp, lock);
+        index.locked = true;
         return;
       } catch (error) {
         if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw error;
@@ -588,12 +644,12 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       }
       const holder = await readLock(lock);
       if (holder === "missing") continue; // released meanwhile: try again
-      if (holder !== "garbled" && holder.saver === this.saverId) return;
+      if (holder !== "garbled" && holder.saver === this.saverId) {
+        index.locked = true;
+        return;
+      }
       if (holder === "garbled" || processState(holder.pid, holder.host) === "dead") {
-        await rename(lock, `${lock}.stale-${this.saverId}`).then(
-          () => unlink(`${lock}.stale-${this.saverId}`),
-          () => {},
-        );
+        await this.moveStaleLock(lock, holder);
         continue;
       }
       const who = holder.pid === process.pid && holder.host === hostname() ? "another store object in this process" : `pid ${holder.pid} on ${holder.host}`;
@@ -610,10 +666,44 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     });
   }
 
+  /**
+   * Move a dead holder's lock aside. Between reading the lock and moving it, another process may have
+   * taken it over; so the moved file is read back, and if it is not the lock judged dead it is put back.
+   */
+  private async moveStaleLock(lock: string, judged: LockHolder | "garbled"): Promise<void> {
+    const aside = `${lock}.stale-${this.saverId}`;
+    try {
+      await rename(lock, aside);
+    } catch {
+      return; // gone already: someone else moved or released it
+    }
+    const moved = await readLock(aside);
+    const same = judged === "garbled" ? moved === "garbled" : typeof moved === "object" && moved.saver === judged.saver;
+    if (!same) await link(aside, lock).catch(() => {});
+    await unlink(aside).catch(() => {});
+  }
+
+  /**
+   * Before each batch: this saver still holds the thread's lock (its content names this saver: inode
+   * numbers are reused as soon as a file is removed, so they cannot tell one lock file from the next).
+   */
+  private async checkStillWriter(index: ThreadIndex): Promise<void> {
+    const lock = join(index.dir, LOCK);
+    const holder = await readLock(lock).catch(() => "missing" as const);
+    if (typeof holder === "object" && holder.saver === this.saverId) return;
+    throw new CairnError(
+      "THREAD_LOCKED",
+      `This process no longer holds the writer lock of thread "${index.thread}" (${lock} was removed or taken over, or the thread was deleted), so it stopped writing. ` +
+        `Check \`cairn threads\` for another run of this thread before resuming it.`,
+      { thread: index.thread, file: lock },
+    );
+  }
+
   private async releaseLock(index: ThreadIndex): Promise<void> {
     const lock = join(index.dir, LOCK);
     const holder = await readLock(lock);
     if (typeof holder === "object" && holder.saver === this.saverId) await unlink(lock).catch(() => {});
+    index.locked = false;
   }
 
   private async createThread(thread: string): Promise<void> {
@@ -626,13 +716,18 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       v: FILE_STORE_FORMAT_VERSION,
       thread,
       created: new Date().toISOString(),
+      id: `${this.saverId}-${(this.tmpCount += 1)}`,
     };
+    const file = join(dir, JOURNAL);
     try {
       // Exclusive create: a journal another process made meanwhile is used as it is, never overwritten.
-      await createJournal(join(dir, JOURNAL), JSON.stringify(header));
+      await createJournal(file, JSON.stringify(header));
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code === "EEXIST") return;
-      throw error;
+      if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw error;
+      if (await hasHeader(file)) return;
+      // A creation a crash cut short holds no record at all: set it aside and create the journal again.
+      await rename(file, `${file}.unfinished-${this.saverId}`);
+      await createJournal(file, JSON.stringify(header));
     }
     // The new journal's directory entry, and the thread folder's, must survive a crash too.
     await fsyncDir(dir);
@@ -747,8 +842,10 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     if (value === undefined) return `{"t":"undefined"}`;
     const [type, data] = await this.serde.dumpsTyped(value);
     if (type === "json") {
-      const text = typeof data === "string" ? data : Buffer.from(data).toString("utf8");
+      let text = typeof data === "string" ? data : Buffer.from(data).toString("utf8");
       if (text === "") return `{"t":"undefined"}`;
+      // A record is one line: a serializer that pretty-prints gets its JSON compacted.
+      if (text.includes("\n")) text = JSON.stringify(JSON.parse(text));
       return `{"t":"json","d":${text}}`;
     }
     const bytes = typeof data === "string" ? Buffer.from(data, "utf8") : Buffer.from(data);
@@ -798,6 +895,38 @@ function newerFormat(file: string, version: number): CairnError {
     `${file} was written by a newer cairn (format version ${version}; this cairn reads up to ${FILE_STORE_FORMAT_VERSION}). Upgrade cairn to read this store.`,
     { file },
   );
+}
+
+/** The id in a journal's header record ("" for a header without one, undefined if none is complete yet). */
+async function headerId(handle: FileHandle, size: number): Promise<string | undefined> {
+  const head = Buffer.alloc(Math.min(size, 4096));
+  await handle.read(head, 0, head.length, 0);
+  const nl = head.indexOf(0x0a);
+  if (nl === -1) return undefined;
+  const line = decodeLine(head.toString("utf8", 0, nl));
+  if (!line) return undefined;
+  const record = JSON.parse(line.json) as Partial<HeaderRecord>;
+  return record.k === "hdr" ? (record.id ?? "") : undefined;
+}
+
+/** Whether a journal starts with a complete, intact header record. */
+async function hasHeader(file: string): Promise<boolean> {
+  const text = await readFile(file, "utf8").catch(() => "");
+  const nl = text.indexOf("\n");
+  if (nl === -1) return false;
+  const line = decodeLine(text.slice(0, nl));
+  return line !== undefined && (JSON.parse(line.json) as { k?: unknown }).k === "hdr";
+}
+
+class CheckpointCorrupt extends CairnError {
+  constructor(file: string, offset: number, why: string) {
+    super(
+      "CHECKPOINT_CORRUPT",
+      `Checkpoint journal ${file} is damaged at byte ${offset}: ${why}. Nothing was loaded from it. ` +
+        `Restore the file from a backup, or move the thread's folder aside and start the thread again.`,
+      { file, offset },
+    );
+  }
 }
 
 /** The lock's holder; "garbled" for a lock file that is not one cairn wrote whole (taken over as stale). */

@@ -1,4 +1,4 @@
-import { open, type FileHandle } from "node:fs/promises";
+import { open, writeFile, type FileHandle } from "node:fs/promises";
 import { crc32 } from "node:zlib";
 import { CairnError } from "../errors.ts";
 
@@ -49,10 +49,11 @@ export function decodeLine(line: string): { batch: number; json: string } | unde
 }
 
 /**
- * Scan `bytes` (the journal from offset `base` on) into records. Returns the records and the offset just
- * past the last good one before any torn tail. Throws CHECKPOINT_CORRUPT for damage to committed data.
+ * Scan `bytes` (the journal from offset `base` on) into records. Returns the records, the offset just
+ * past the last good one, and whether bytes follow it that do not form good records (a torn tail, or
+ * damage: the caller knows which). Throws CHECKPOINT_CORRUPT for a bad line followed by a later batch.
  */
-export function scanLines<T>(file: string, bytes: Buffer, base: number): { records: ScannedRecord<T>[]; validEnd: number } {
+export function scanLines<T>(file: string, bytes: Buffer, base: number): { records: ScannedRecord<T>[]; validEnd: number; torn: boolean } {
   const records: ScannedRecord<T>[] = [];
   let pos = 0;
   let validEnd = base;
@@ -72,7 +73,7 @@ export function scanLines<T>(file: string, bytes: Buffer, base: number): { recor
     }
     pos = nl + 1;
   }
-  return { records, validEnd };
+  return { records, validEnd, torn: validEnd < base + bytes.length };
 }
 
 function damaged(file: string, offset: number): CairnError {
@@ -98,20 +99,31 @@ export class JournalWriter {
     readonly file: string,
     private readonly handle: FileHandle,
     private end: number,
+    private readonly guard: () => Promise<void>,
   ) {}
 
   /**
    * Open an existing journal for appending. A torn tail beyond `validEnd` (the end of the last good
-   * record the caller scanned) is cut off first, and that cut made durable.
+   * record the caller scanned, under the writer lock) is cut off first and that cut made durable; the cut
+   * bytes are kept beside the journal as `journal.log.cut-<offset>` for inspection. `guard` runs before
+   * every batch and throws if this writer may no longer write (it lost its lock).
    */
-  static async open(file: string, validEnd: number): Promise<JournalWriter> {
+  static async open(file: string, validEnd: number, guard: () => Promise<void> = async () => {}): Promise<JournalWriter> {
     const handle = await open(file, "r+");
-    const { size } = await handle.stat();
-    if (size > validEnd) {
-      await handle.truncate(validEnd);
-      await handle.datasync();
+    try {
+      const { size } = await handle.stat();
+      if (size > validEnd) {
+        const cut = Buffer.alloc(size - validEnd);
+        await handle.read(cut, 0, cut.length, validEnd);
+        await writeFile(`${file}.cut-${validEnd}`, cut);
+        await handle.truncate(validEnd);
+        await handle.datasync();
+      }
+    } catch (error) {
+      await handle.close();
+      throw error;
     }
-    return new JournalWriter(file, handle, validEnd);
+    return new JournalWriter(file, handle, validEnd, guard);
   }
 
   get size(): number {
@@ -145,6 +157,7 @@ export class JournalWriter {
       const buffers = batch.map((b) => Buffer.from(encodeLine(b.json, start), "utf8"));
       const all = Buffer.concat(buffers);
       try {
+        await this.guard();
         // Another process appending to this thread would make our offsets wrong: refuse rather than guess.
         const { size } = await this.handle.stat();
         if (size !== start) {

@@ -446,3 +446,23 @@ describe("a plain LangGraph StateGraph", () => {
     expect(lines(table.stdout).at(-1)).toBe("status: completed");
   }, 60_000);
 });
+
+describe("the printed resume command works as printed, whatever the thread id", () => {
+  it("quotes a thread id that starts with a dash and holds a space and a quote, and a shell runs it", async () => {
+    const cwd = await workdir();
+    const store = storeOf(cwd);
+    const thread = "-my run's 1";
+    const failed = await cairn(cwd, ["run", GRAPH, `--thread=${thread}`, "--input", '{"delayMs":5,"failOnceAt":"web_researcher"}', "--store", store]);
+    expect(failed.code, failed.stderr).toBe(1);
+    const printed = lines(failed.stderr).find((l) => l.startsWith("  Continue with: "))!.slice("  Continue with: ".length);
+    expect(printed).toBe(`cairn resume ${GRAPH} --thread='-my run'\\''s 1' --store ${store}`);
+    // Run it through a real shell, with `cairn` standing for the binary.
+    const resumed = await new Promise<Result>((resolve) => {
+      execFile("/bin/sh", ["-c", `cairn() { "${process.execPath}" "${BIN}" "$@"; }; ${printed}`], { cwd, timeout: SPAWN_TIMEOUT_MS }, (error, stdout, stderr) =>
+        resolve({ code: error ? Number(error.code) : 0, stdout, stderr }),
+      );
+    });
+    expect(resumed.code, resumed.stderr).toBe(0);
+    expect(resumed.stderr).toContain("already done: context_analyzer");
+  }, 60_000);
+});

@@ -76,3 +76,13 @@ export function renderFinalState(io: Io, state: Record<string, unknown>, json: b
   io.out("Final state:");
   renderState(io, state);
 }
+
+/** An argument as a POSIX shell would need it written: bare when safe, else single-quoted. */
+export function shellArg(value: string): string {
+  return /^[A-Za-z0-9_@%+=:,./-]+$/.test(value) ? value : `'${value.replace(/'/g, `'\\''`)}'`;
+}
+
+/** `--flag value` for a command line to copy; `--flag=value` when the value starts with a dash. */
+export function flag(name: string, value: string): string {
+  return value.startsWith("-") ? `--${name}=${shellArg(value)}` : `--${name} ${shellArg(value)}`;
+}

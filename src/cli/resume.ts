@@ -1,7 +1,7 @@
 import { isCairnError, loadGraph, resume } from "../index.ts";
 import { COMMON_OPTIONS, onePositional, parse } from "./args.ts";
 import { explainStepFailure } from "./failure.ts";
-import { formatDuration, plural, renderFinalState, stepReporter, type Io } from "./render.ts";
+import { flag, formatDuration, plural, renderFinalState, shellArg, stepReporter, type Io } from "./render.ts";
 import { CairnError } from "../index.ts";
 
 export const usage = `cairn resume <graph.ts> --thread <id> [--from-step <name> | --checkpoint <id>] [--store <uri>] [--json] [--verbose]
@@ -33,7 +33,7 @@ export async function resumeCommand(argv: string[], io: Io): Promise<number> {
       onStart: (t) => io.err(`resuming thread ${t.thread} · store ${t.store}${t.skipped.length ? ` · already done: ${t.skipped.join(", ")}` : ""}`),
     });
     if (result.status === "already-completed") {
-      io.err(`Thread ${result.thread} already completed; nothing to do. To rerun part of it: cairn resume ${file} --thread ${result.thread} --from-step <step>`);
+      io.err(`Thread ${result.thread} already completed; nothing to do. To rerun part of it: cairn resume ${shellArg(file)} ${flag("thread", result.thread)} --from-step <step>`);
     } else {
       io.err(`completed thread ${result.thread}: ${plural(reporter.stepsDone(), "step")} run in ${formatDuration(Date.now() - started)}`);
     }

@@ -1,7 +1,7 @@
 import { setMaxListeners } from "node:events";
 import { Overwrite, START } from "@langchain/langgraph";
 import type { BaseCheckpointSaver, CheckpointTuple } from "@langchain/langgraph-checkpoint";
-import { nanoid } from "nanoid";
+import { customAlphabet } from "nanoid";
 import { CairnError, isCairnError } from "../errors.ts";
 import { checkpointNotFound, currentBranch, latestTuple, readHistory } from "../inspect/history.ts";
 import { openStore, type OpenedStore } from "../store/open.ts";
@@ -62,7 +62,7 @@ export interface RunResult<State = Record<string, unknown>> {
  * ```
  */
 export async function run<T extends RunTarget>(target: T, options: StartOptions = {}): Promise<RunResult<StateOf<T>>> {
-  const thread = options.thread ?? nanoid(10);
+  const thread = options.thread ?? newThreadId();
   checkThreadId(thread);
   const input = parseInput(target, options.input);
   return withStore(options, async (store) => {
@@ -188,6 +188,9 @@ export async function checkpointBefore(
     : undefined;
   return { ran: true, tuple };
 }
+
+/** Generated thread ids: letters and digits only, so they never read as a flag or need quoting. */
+const newThreadId = customAlphabet("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", 12);
 
 /** Steps already finished on the thread's current branch: the work a resume does not redo. */
 async function finishedSteps(prepared: PreparedRun, store: OpenedStore, thread: string): Promise<string[]> {

@@ -94,6 +94,13 @@ export function currentBranch(entries: HistoryEntry[]): HistoryEntry[] {
   return head ? branchOf(entries, head.id) : [];
 }
 
+/** Refuse an empty checkpoint id up front (an empty id would silently mean "the latest"). */
+export function checkCheckpointId(thread: string, checkpoint: string | undefined): void {
+  if (checkpoint !== undefined && checkpoint.trim() === "") {
+    throw new CairnError("INVALID_ARGUMENT", `--checkpoint is empty. Pass a checkpoint id from: cairn history ${thread}`, { thread });
+  }
+}
+
 export function checkpointNotFound(thread: string, checkpoint: string, storeUri: string): CairnError {
   return new CairnError(
     "CHECKPOINT_NOT_FOUND",

@@ -1,7 +1,7 @@
 import type { BaseCheckpointSaver } from "@langchain/langgraph-checkpoint";
 import { CairnError } from "../errors.ts";
 import { visibleState } from "../store/steps.ts";
-import { checkpointNotFound, currentBranch, latestTuple, readHistory, summarizeThread, type HistoryEntry, type ThreadSummary } from "./history.ts";
+import { checkCheckpointId, checkpointNotFound, currentBranch, latestTuple, readHistory, summarizeThread, type HistoryEntry, type ThreadSummary } from "./history.ts";
 
 /** The state of a thread at one point: the latest checkpoint, after a named step, or a given checkpoint. */
 export interface StateAt {
@@ -29,9 +29,7 @@ export async function stateAt(
       { thread },
     );
   }
-  if (at.checkpoint !== undefined && at.checkpoint.trim() === "") {
-    throw new CairnError("INVALID_ARGUMENT", `--checkpoint is empty. Pass a checkpoint id from: cairn history ${thread}`, { thread });
-  }
+  checkCheckpointId(thread, at.checkpoint);
   const latest = await latestTuple(saver, thread, storeUri);
   let id = latest.checkpoint.id;
   let entry: HistoryEntry | undefined;

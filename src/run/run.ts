@@ -3,7 +3,7 @@ import { Overwrite, START } from "@langchain/langgraph";
 import type { BaseCheckpointSaver, CheckpointTuple } from "@langchain/langgraph-checkpoint";
 import { customAlphabet } from "nanoid";
 import { CairnError, isCairnError } from "../errors.ts";
-import { checkpointNotFound, currentBranch, latestTuple, readHistory } from "../inspect/history.ts";
+import { checkCheckpointId, checkpointNotFound, currentBranch, latestTuple, readHistory } from "../inspect/history.ts";
 import { openStore, type OpenedStore } from "../store/open.ts";
 import { errorWrites, visibleState } from "../store/steps.ts";
 import { DONE_CHANNEL, isWorkflow, undoChannel, unknownStep, type UndoRecord, type Workflow } from "../workflow/builder.ts";
@@ -99,9 +99,7 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
     );
   }
   checkThreadId(thread);
-  if (checkpoint !== undefined && checkpoint.trim() === "") {
-    throw new CairnError("INVALID_ARGUMENT", `--checkpoint is empty. Pass a checkpoint id from: cairn history ${thread}`, { thread });
-  }
+  checkCheckpointId(thread, checkpoint);
   const { steps, name } = describeTarget(target);
   if (fromStep !== undefined && !steps.includes(fromStep)) throw unknownStep(name, fromStep, steps);
   return withStore(options, async (store) => {

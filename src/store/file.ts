@@ -153,7 +153,10 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   private readonly threadsDir: string;
   private readonly stepFiles: boolean;
   private readonly indexes = new Map<string, Promise<ThreadIndex | undefined>>();
-  /** The step names last written per thread, to name the readable files when metadata names no step. */
+  /**
+   * The `versions_seen` of the last checkpoint put per thread: when metadata names no step (a plain
+   * LangGraph app using this saver directly), the nodes whose entry changed since then name the step file.
+   */
   private lastSeen = new Map<string, Checkpoint["versions_seen"]>();
   private markerChecked?: Promise<void>;
   private markerWritten?: Promise<void>;

@@ -26,6 +26,7 @@ import { decodeThreadDir, encodeThreadDir, stepFileName } from "./names.ts";
 import { processState } from "./process.ts";
 import { isInternalChannel, nodesThatRan } from "./steps.ts";
 import { uniqueVersion } from "./versions.ts";
+import { fsyncDir } from "./fsync.ts";
 
 /** The version of the on-disk format this code writes. Readers refuse newer versions with a clear error. */
 export const FILE_STORE_FORMAT_VERSION = 1;
@@ -949,11 +950,3 @@ async function readLock(file: string): Promise<LockHolder | "missing" | "garbled
   }
 }
 
-async function fsyncDir(dir: string): Promise<void> {
-  const handle = await open(dir, "r");
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-}

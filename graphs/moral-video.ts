@@ -10,7 +10,7 @@
 import { HumanMessage, SystemMessage } from "@langchain/core/messages";
 import { z } from "zod";
 import { workflow, type StepContext } from "cairn";
-import { chatModel } from "./lib/model.ts";
+import { chatModel, EXAMPLE_PRICING } from "./lib/model.ts";
 
 const Scene = z.object({
   index: z.number(),
@@ -58,6 +58,7 @@ export default workflow("moral-video", {
   state: State,
   defaultInput: { topic: "a lost wallet found on the way to school", moral: "honesty is worth more than what it costs" },
   version: "1",
+  pricing: EXAMPLE_PRICING,
 })
   .step("context_analyzer", async (s, ctx) => {
     maybeFail(s, ctx);

@@ -12,3 +12,5 @@ export const MAP_PREFIX = `${CAIRN_PREFIX}map_`;
 export const mapChannel = (step: string) => `${MAP_PREFIX}${step}`;
 /** The node that gathers a fan-out's results. */
 export const gatherNode = (step: string) => `${step}__gather`;
+/** What the thread has spent on model calls (`Usage`), summed over every saved task. */
+export const USAGE_CHANNEL = `${CAIRN_PREFIX}usage`;

@@ -15,7 +15,8 @@ export type CairnErrorCode =
   | "STORE_UNAVAILABLE"
   | "STEP_FAILED"
   | "HISTORY_PRUNED"
-  | "THREAD_LOCKED";
+  | "THREAD_LOCKED"
+  | "ARTIFACT_NOT_FOUND";
 
 /** Codes whose errors are the user's input at fault: the CLI exits 2 for them, before anything is written. */
 export const USAGE_ERROR_CODES: ReadonlySet<CairnErrorCode> = new Set<CairnErrorCode>([

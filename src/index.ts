@@ -1,11 +1,19 @@
 // Authoring
 export { workflow, appendList, Workflow, END_OF_WORKFLOW } from "./workflow/builder.ts";
-export type { StepContext, ItemContext, StepFn, StepLogger, MapOptions, StepOptions, WorkflowOptions } from "./workflow/builder.ts";
-export type { RunEvent } from "./workflow/instrument.ts";
+export type { StepContext, ItemContext, StepFn, StepLogger, MapOptions, StepOptions, WorkflowOptions, StepArtifacts } from "./workflow/builder.ts";
+export { TransientError, isTransientError } from "./workflow/instrument.ts";
+export type { RunEvent, RetryPolicy, StopReason } from "./workflow/instrument.ts";
+export type { Usage, Pricing, UsageReport } from "./workflow/usage.ts";
+
+// Artifacts and sinks
+export { artifactRef, isArtifactRef, findArtifactRefs } from "./store/artifacts.ts";
+export type { ArtifactRef, ArtifactStore, PutArtifactOptions } from "./store/artifacts.ts";
+export { JsonlSink } from "./sinks/jsonl.ts";
+export type { JsonlSinkOptions } from "./sinks/jsonl.ts";
 
 // Running
 export { run, resume } from "./run/run.ts";
-export type { RunResult, StartOptions, ResumeOptions, RunCommonOptions, StepName, StateOf } from "./run/run.ts";
+export type { RunResult, RunUsage, StartOptions, ResumeOptions, RunCommonOptions, StepName, StateOf } from "./run/run.ts";
 export { open } from "./run/notebook.ts";
 export type { ThreadHandle } from "./run/notebook.ts";
 export { loadGraph } from "./run/load.ts";

@@ -23,6 +23,11 @@ export class StandInChatModel extends BaseChatModel {
     return "cairn-stand-in";
   }
 
+  /** The model name cairn's usage counter sees (and prices with {@link STAND_IN_PRICING}). */
+  getLsParams(options: this["ParsedCallOptions"]) {
+    return { ...super.getLsParams(options), ls_model_name: STAND_IN_MODEL };
+  }
+
   async _generate(messages: BaseMessage[], options: this["ParsedCallOptions"]): Promise<ChatResult> {
     const prompt = messages.map((m) => (typeof m.content === "string" ? m.content : JSON.stringify(m.content))).join("\n");
     await sleep(this.delayMs, options.signal);
@@ -43,6 +48,18 @@ export class StandInChatModel extends BaseChatModel {
     return { generations: [{ text, message }] };
   }
 }
+
+export const STAND_IN_MODEL = "stand-in";
+
+/**
+ * Prices per million tokens for the example graphs. The stand-in is priced like a mid-size hosted model
+ * ($3 in, $15 out) so that cost, budgets and "what resuming saved" show real-looking numbers offline;
+ * the hosted default is priced at its list price. Workflows pass this as their `pricing`.
+ */
+export const EXAMPLE_PRICING = {
+  [STAND_IN_MODEL]: { inputPerMillion: 3, outputPerMillion: 15 },
+  "gpt-4o-mini": { inputPerMillion: 0.15, outputPerMillion: 0.6 },
+};
 
 /** The chat model the examples use: a hosted one when configured, else the offline stand-in. */
 export async function chatModel(options: { seed?: number; delayMs?: number } = {}): Promise<BaseChatModel> {

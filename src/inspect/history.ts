@@ -1,5 +1,6 @@
 import type { BaseCheckpointSaver, CheckpointTuple } from "@langchain/langgraph-checkpoint";
-import { DONE_CHANNEL, MAP_PREFIX } from "../channels.ts";
+import { DONE_CHANNEL, MAP_PREFIX, USAGE_CHANNEL } from "../channels.ts";
+import { addUsage, NO_USAGE, type Usage } from "../workflow/usage.ts";
 import { CairnError } from "../errors.ts";
 import { processState } from "../store/process.ts";
 import { errorWrites, nodesThatRan, pendingNodes } from "../store/steps.ts";
@@ -16,6 +17,9 @@ export interface HistoryEntry {
   ts: string;
   durationMs: number | undefined;
   tasks: number | undefined;
+  /** Spent by the tasks this checkpoint records, and by the thread up to it (absent before cairn counted). */
+  usage: Usage | undefined;
+  total: Usage | undefined;
 }
 
 export type ThreadStatus = "completed" | "failed" | "interrupted" | "running";
@@ -31,6 +35,8 @@ export interface ThreadSummary {
   error?: string;
   /** Steps still due on an unfinished thread. */
   next: string[];
+  /** What the thread has spent on model calls, including finished items of an unfinished step. */
+  spent: Usage;
 }
 
 interface CairnMeta {
@@ -40,6 +46,8 @@ interface CairnMeta {
   tasks?: number;
   pid?: number;
   host?: string;
+  usage?: Usage;
+  total?: Usage;
 }
 
 const cairnMeta = (tuple: CheckpointTuple): CairnMeta => ((tuple.metadata as { cairn?: CairnMeta } | undefined)?.cairn ?? {});
@@ -72,6 +80,8 @@ export async function readHistory(saver: BaseCheckpointSaver, thread: string): P
       ts: t.checkpoint.ts,
       durationMs: meta.durationMs,
       tasks: meta.tasks,
+      usage: meta.usage,
+      total: meta.total,
     };
   });
 }
@@ -153,7 +163,18 @@ export async function summarizeThread(saver: BaseCheckpointSaver, thread: string
     updated: tuple.checkpoint.ts,
     error,
     next,
+    spent: spentAt(tuple),
   };
+}
+
+/**
+ * What a thread has spent as of a checkpoint: the total it records, plus what its saved but not yet
+ * folded task writes spent (the finished items of a fan-out that then failed or was stopped).
+ */
+export function spentAt(tuple: CheckpointTuple): Usage {
+  let total = addUsage(NO_USAGE, cairnMeta(tuple).total);
+  for (const [, channel, value] of tuple.pendingWrites ?? []) if (channel === USAGE_CHANNEL) total = addUsage(total, value as Usage);
+  return total;
 }
 
 /** The work a resume of a thread will not redo. */

@@ -1,7 +1,8 @@
 import type { BaseCheckpointSaver } from "@langchain/langgraph-checkpoint";
 import { CairnError } from "../errors.ts";
 import { visibleState } from "../store/steps.ts";
-import { checkCheckpointId, checkpointNotFound, currentBranch, latestTuple, readHistory, summarizeThread, type HistoryEntry, type ThreadSummary } from "./history.ts";
+import type { Usage } from "../workflow/usage.ts";
+import { checkCheckpointId, checkpointNotFound, currentBranch, latestTuple, readHistory, spentAt, summarizeThread, type HistoryEntry, type ThreadSummary } from "./history.ts";
 
 /** The state of a thread at one point: the latest checkpoint, after a named step, or a given checkpoint. */
 export interface StateAt {
@@ -10,6 +11,8 @@ export interface StateAt {
   step: string;
   ts: string;
   values: Record<string, unknown>;
+  /** What the thread had spent at this checkpoint. */
+  spent: Usage;
 }
 
 /**
@@ -56,7 +59,7 @@ export async function stateAt(
     id === latest.checkpoint.id ? latest : await saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: id } });
   if (!tuple) throw new CairnError("CHECKPOINT_NOT_FOUND", `Checkpoint "${id}" of thread "${thread}" could not be read.`, { thread, checkpoint: id });
   const step = entry?.step ?? ((tuple.metadata as { cairn?: { step?: string } } | undefined)?.cairn?.step ?? tuple.metadata?.source ?? "?");
-  return { thread, checkpoint: id, step, ts: tuple.checkpoint.ts, values: visibleState(tuple.checkpoint.channel_values as Record<string, unknown>) };
+  return { thread, checkpoint: id, step, ts: tuple.checkpoint.ts, values: visibleState(tuple.checkpoint.channel_values as Record<string, unknown>), spent: spentAt(tuple) };
 }
 
 /** A summary of every thread in a store, newest first. */

@@ -98,7 +98,16 @@ export async function open<T extends RunTarget>(
     async tryStep(step, state) {
       checkStep(step);
       const input = state ?? (await handle.stateBefore(step));
-      const ctx = { thread, signal: new AbortController().signal, log: (m: string) => console.log(`  [${step}] ${m}`) };
+      const log = (m: string) => console.log(`  [${step}] ${m}`);
+      const ctx = {
+        thread,
+        signal: new AbortController().signal,
+        log,
+        progress: (done: number, total?: number, message?: string) => log(`${done}${total === undefined ? "" : `/${total}`}${message ? ` ${message}` : ""}`),
+        usage: () => {},
+        // Bytes are stored content-addressed; nothing in the thread refers to them until a real run does.
+        artifacts: { put: store.artifacts.put.bind(store.artifacts), get: store.artifacts.get.bind(store.artifacts) },
+      };
       if (isWorkflow(target)) return (await target.runStepAlone(step, input as never, ctx)) as Partial<StateOf<T>>;
       const node = (asStateGraph(target).nodes as Record<string, { runnable: { invoke(i: unknown, c?: RunnableConfig): Promise<unknown> } }>)[step]!;
       return (await node.runnable.invoke(input, { configurable: { thread_id: thread } })) as Partial<StateOf<T>>;

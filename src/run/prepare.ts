@@ -50,10 +50,14 @@ export function prepareRun(
   thread: string,
   signal: AbortSignal,
   emit: (event: RunEvent) => void,
+  setup: (runtime: RunRuntime) => void = () => {},
 ): PreparedRun {
   if (isWorkflow(target)) {
     const runtime = new RunRuntime(thread, signal, emit, (node) => target.stepOfNode(node));
+    runtime.pricing = target.pricing;
+    setup(runtime);
     const recording = new RecordingSaver(saver, runtime, target.name);
+    runtime.flushWrites = () => recording.flush();
     const builder = target.toStateGraph(runtime);
     const graph = builder.compile({ checkpointer: recording, name: target.name });
     return {
@@ -68,8 +72,10 @@ export function prepareRun(
   }
   const builder = asStateGraph(target);
   const runtime = new RunRuntime(thread, signal, emit);
+  setup(runtime);
   const name = "graph";
   const recording = new RecordingSaver(saver, runtime, name);
+  runtime.flushWrites = () => recording.flush();
   const graph = compileInstrumented(builder, runtime, recording);
   return {
     name,

@@ -9,7 +9,9 @@ import {
   type CheckpointTuple,
   type PendingWrite,
 } from "@langchain/langgraph-checkpoint";
+import { USAGE_CHANNEL } from "../channels.ts";
 import type { RunRuntime } from "../workflow/instrument.ts";
+import { addUsage, NO_USAGE, subtractUsage, type Usage } from "../workflow/usage.ts";
 
 /** What cairn adds to every checkpoint's metadata, on every store. */
 export interface CairnMetadata {
@@ -26,6 +28,10 @@ export interface CairnMetadata {
   workflow: string;
   pid: number;
   host: string;
+  /** Spent by the tasks this checkpoint records (model calls, tokens, money). */
+  usage: Usage;
+  /** Spent by the thread up to and including this checkpoint. */
+  total: Usage;
 }
 
 /**
@@ -35,6 +41,12 @@ export interface CairnMetadata {
 export class RecordingSaver extends BaseCheckpointSaver {
   /** A label for the next checkpoint that no task produced (a restart or a fork). */
   nextLabel: string | undefined;
+  /** The thread's spend at the last checkpoint this saver wrote, to tell each step's share. */
+  private last: { id: string; total: Usage } | undefined;
+  /** Task writes held back by a fan-out's `saveEvery`, written together. */
+  private batch: { config: RunnableConfig; writes: PendingWrite[]; taskId: string; taskPath?: string }[] = [];
+  private batchTimer: NodeJS.Timeout | undefined;
+  private flushing: Promise<void> = Promise.resolve();
 
   constructor(
     readonly inner: BaseCheckpointSaver,
@@ -53,12 +65,35 @@ export class RecordingSaver extends BaseCheckpointSaver {
   }
 
   async putWrites(config: RunnableConfig, writes: PendingWrite[], taskId: string, taskPath?: string): Promise<void> {
+    const every = this.runtime.saveEveryOf(taskId);
+    if (every > 1 && !writes.some(([channel]) => channel === "__error__")) {
+      // Held back: written with the next batch, at the step boundary, or before a failure or stop
+      // surfaces, whichever comes first. A hard crash loses at most the batch (see MapOptions.saveEvery).
+      this.batch.push({ config, writes, taskId, taskPath });
+      this.runtime.settled(taskId);
+      if (this.batch.length >= every) await this.flush();
+      else this.batchTimer ??= setTimeout(() => void this.flush().catch(() => {}), BATCH_MAX_DELAY_MS).unref();
+      return;
+    }
     try {
       await this.inner.putWrites(config, writes, taskId, taskPath);
     } finally {
       // Saved or failed to save, the task is done: a sibling holding back its error must not wait forever.
       this.runtime.settled(taskId);
     }
+  }
+
+  /** Write every held-back task write now (concurrently, so a file store commits them in one sync). */
+  flush(): Promise<void> {
+    clearTimeout(this.batchTimer);
+    this.batchTimer = undefined;
+    const pending = this.batch.splice(0);
+    const previous = this.flushing;
+    this.flushing = (async () => {
+      await previous;
+      await Promise.all(pending.map((w) => this.inner.putWrites(w.config, w.writes, w.taskId, w.taskPath)));
+    })();
+    return this.flushing;
   }
 
   deleteThread(threadId: string): Promise<void> {
@@ -75,6 +110,7 @@ export class RecordingSaver extends BaseCheckpointSaver {
 
   async put(config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata, newVersions: ChannelVersions): Promise<RunnableConfig> {
     if ((config.configurable?.checkpoint_ns ?? "") !== "") return this.inner.put(config, checkpoint, metadata, newVersions);
+    await this.flush();
     const tasks = this.runtime.drainFinished();
     const steps = [...new Set(tasks.map((t) => t.step))];
     let step: string;
@@ -83,6 +119,9 @@ export class RecordingSaver extends BaseCheckpointSaver {
     else step = steps.join("+") || (metadata.step === 0 ? "start" : metadata.source);
     if (tasks.length === 0) this.nextLabel = undefined;
     const durationMs = tasks.length ? Math.max(...tasks.map((t) => t.endedAt)) - Math.min(...tasks.map((t) => t.startedAt)) : 0;
+    const total = await this.totalAt(config, checkpoint, tasks.reduce((sum, t) => addUsage(sum, t.usage), NO_USAGE));
+    const previous = await this.previousTotal(config);
+    const usage = subtractUsage(total, previous);
     const cairn: CairnMetadata = {
       step,
       steps,
@@ -92,8 +131,11 @@ export class RecordingSaver extends BaseCheckpointSaver {
       workflow: this.workflow,
       pid: process.pid,
       host: hostname(),
+      usage,
+      total,
     };
     const saved = await this.inner.put(config, checkpoint, { ...metadata, cairn } as CheckpointMetadata, newVersions);
+    this.last = { id: checkpoint.id, total };
     this.runtime.emit({
       type: "checkpoint",
       thread: this.runtime.thread,
@@ -102,7 +144,40 @@ export class RecordingSaver extends BaseCheckpointSaver {
       durationMs,
       tasks: tasks.length,
       internal: tasks.length > 0 && tasks.every((t) => t.node !== t.step),
+      usage,
+      total,
     });
+    this.runtime.checkpointed(total);
     return saved;
   }
+
+  /**
+   * The thread's spend at a new checkpoint. A cairn workflow keeps it in the state (each saved task adds
+   * its own share, so items saved before a crash still count); a plain graph adds this step's tasks to
+   * the parent checkpoint's total.
+   */
+  private async totalAt(config: RunnableConfig, checkpoint: Checkpoint, stepUsage: Usage): Promise<Usage> {
+    const inState = checkpoint.channel_values[USAGE_CHANNEL] as Usage | undefined;
+    if (inState && typeof inState === "object") return addUsage(NO_USAGE, inState);
+    if (Object.keys(checkpoint.channel_versions).includes(USAGE_CHANNEL)) return NO_USAGE;
+    return addUsage(await this.previousTotal(config), stepUsage);
+  }
+
+  /** The spend recorded at the parent checkpoint (the one `config` points at). */
+  private async previousTotal(config: RunnableConfig): Promise<Usage> {
+    const parent = config.configurable?.checkpoint_id as string | undefined;
+    if (!parent) return NO_USAGE;
+    if (this.last?.id === parent) return this.last.total;
+    const tuple = await this.inner.getTuple({ configurable: { thread_id: config.configurable?.thread_id, checkpoint_ns: "", checkpoint_id: parent } });
+    return totalOf(tuple);
+  }
+}
+
+/** How long a held-back fan-out write may wait for its batch to fill. */
+export const BATCH_MAX_DELAY_MS = 2000;
+
+/** The thread's spend recorded with a checkpoint (zero for checkpoints written before cairn counted it). */
+export function totalOf(tuple: CheckpointTuple | undefined): Usage {
+  const cairn = (tuple?.metadata as { cairn?: Partial<CairnMetadata> } | undefined)?.cairn;
+  return addUsage(NO_USAGE, cairn?.total);
 }

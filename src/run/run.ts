@@ -1,13 +1,15 @@
 import { setMaxListeners } from "node:events";
-import { Overwrite, START } from "@langchain/langgraph";
+import { isGraphDrained, Overwrite, START } from "@langchain/langgraph";
 import type { BaseCheckpointSaver, CheckpointTuple } from "@langchain/langgraph-checkpoint";
 import { customAlphabet } from "nanoid";
-import { CairnError, isCairnError } from "../errors.ts";
+import { CairnError } from "../errors.ts";
 import { checkCheckpointId, checkpointNotFound, currentBranch, latestTuple, readHistory } from "../inspect/history.ts";
 import { openStore, type OpenedStore } from "../store/open.ts";
 import { errorWrites, visibleState } from "../store/steps.ts";
 import { DONE_CHANNEL, isWorkflow, undoChannel, unknownStep, type UndoRecord, type Workflow } from "../workflow/builder.ts";
-import { attemptKey, type RunEvent } from "../workflow/instrument.ts";
+import { attemptKey, formatUsd, type RunEvent, type StopReason } from "../workflow/instrument.ts";
+import { addUsage, NO_USAGE, UsageCallbackHandler, type Pricing, type Usage } from "../workflow/usage.ts";
+import { USAGE_CHANNEL } from "../channels.ts";
 import { describeTarget, prepareRun, type PreparedRun, type RunTarget } from "./prepare.ts";
 
 /** The step names of a target: literal for a cairn workflow, any string for a plain StateGraph. */
@@ -26,6 +28,18 @@ export interface RunCommonOptions {
   signal?: AbortSignal;
   /** Called once the thread and store are settled, before any step runs. */
   onStart?: (info: { thread: string; store: string; skipped: string[] }) => void;
+  /**
+   * Abort this signal to stop cleanly: running steps and items finish and are saved, nothing new
+   * starts, and the run returns `status: "stopped"` at the next step boundary (what Ctrl+C does).
+   */
+  drain?: AbortSignal;
+  /**
+   * Stop at a step boundary once the thread has spent this many dollars (counting earlier runs of the
+   * thread). Resuming with a higher budget continues.
+   */
+  budgetUsd?: number;
+  /** Prices per million tokens by model name; laid over the workflow's own `pricing`. */
+  pricing?: Pricing;
 }
 
 export interface StartOptions extends RunCommonOptions {
@@ -45,12 +59,38 @@ export interface ResumeOptions<Step extends string = string> extends RunCommonOp
 
 export interface RunResult<State = Record<string, unknown>> {
   thread: string;
-  /** `already-completed`: a resume found nothing left to do and ran nothing. */
-  status: "completed" | "already-completed";
+  /**
+   * `already-completed`: a resume found nothing left to do and ran nothing. `stopped`: the run stopped
+   * cleanly at a step boundary (`drain`, Ctrl+C, or the budget); resume it to go on.
+   */
+  status: "completed" | "already-completed" | "stopped";
   state: State;
   /** Tasks run by this call (a fan-out counts one per item). */
   tasksRun: number;
   store: string;
+  usage: RunUsage;
+  /** The thread's checkpoints were deleted after it completed (the workflow's `cleanupOnSuccess`). */
+  cleanedUp?: boolean;
+  /** Present when `status` is `stopped`. */
+  stopped?: {
+    reason: StopReason;
+    /** The steps due next: what a resume runs first. */
+    next: string[];
+    /** Fan-out items that were due but not started. */
+    itemsNotStarted: number;
+  };
+}
+
+/** Money and tokens, from this call's point of view. */
+export interface RunUsage {
+  /** Spent by this call, including attempts that failed. */
+  run: Usage;
+  /** Spent by the thread in all, as its latest checkpoint records. */
+  thread: Usage;
+  /** Spent before this call on work this call did not redo: what resuming saved. */
+  reused: Usage;
+  /** Spent by this call on attempts that failed (not in any checkpoint). */
+  failed: Usage;
 }
 
 /**
@@ -76,7 +116,7 @@ export async function run<T extends RunTarget>(target: T, options: StartOptions 
     }
     const prepared = prepare(target, store, thread, options);
     options.onStart?.({ thread, store: store.uri, skipped: [] });
-    return execute(prepared, store, thread, input);
+    return execute(prepared, store, thread, input, [], options);
   });
 }
 
@@ -118,11 +158,20 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
       // saved task output not yet folded into a checkpoint (a crash right after a step) is unfinished work.
       const snapshot = await prepared.graph.getState(config);
       if (snapshot.next.length === 0 && (latest.pendingWrites ?? []).length === 0 && latest.metadata?.source !== "input") {
-        return { thread, status: "already-completed", state: visibleState(snapshot.values) as StateOf<T>, tasksRun: 0, store: store.uri };
+        const total = usageInState(snapshot.values as Record<string, unknown>, latest);
+        return {
+          thread,
+          status: "already-completed",
+          state: visibleState(snapshot.values) as StateOf<T>,
+          tasksRun: 0,
+          store: store.uri,
+          usage: { run: NO_USAGE, thread: total, reused: total, failed: NO_USAGE },
+        };
       }
     }
-    options.onStart?.({ thread, store: store.uri, skipped: await finishedSteps(prepared, store, thread) });
-    return execute(prepared, store, thread, null);
+    const skipped = await finishedSteps(prepared, store, thread);
+    options.onStart?.({ thread, store: store.uri, skipped });
+    return execute(prepared, store, thread, null, skipped, options);
   });
 }
 
@@ -228,21 +277,109 @@ export function rebuildBefore(
   return { fields, absent, doneBefore: done.slice(0, at), undone };
 }
 
-async function execute(prepared: PreparedRun, store: OpenedStore, thread: string, input: unknown): Promise<RunResult<any>> {
-  if (input === null) await recordPreviousFailures(prepared, thread);
+async function execute(
+  prepared: PreparedRun,
+  store: OpenedStore,
+  thread: string,
+  input: unknown,
+  skipped: string[],
+  options: RunCommonOptions,
+): Promise<RunResult<any>> {
+  const { runtime } = prepared;
+  const config = { configurable: { thread_id: thread } };
+  let reused = NO_USAGE;
+  if (input === null) {
+    await recordPreviousFailures(prepared, thread);
+    reused = await spentSoFar(store, thread);
+    await announceSavedItems(prepared, thread);
+  }
+  runtime.startFrom(reused);
+  runtime.emit({ type: "run:start", thread, workflow: prepared.name, steps: prepared.steps, skipped, spentBefore: reused });
+  const finish = async (status: RunResult["status"], values: Record<string, unknown>): Promise<RunResult<any>> => {
+    const latest = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
+    const total = usageInState(values, latest);
+    const usage = { run: runtime.runUsage, thread: total, reused, failed: runtime.lostUsage };
+    const result: RunResult<any> = { thread, status, state: visibleState(values), tasksRun: runtime.taskCount, store: store.uri, usage };
+    if (status === "stopped") {
+      const snapshot = await prepared.graph.getState(config);
+      const stepOf = (n: string) => (prepared.workflow ? prepared.workflow.stepOfNode(n) : n);
+      result.stopped = { reason: runtime.stopReason ?? "signal", next: [...new Set(snapshot.next.map(stepOf))], itemsNotStarted: runtime.notStarted };
+    }
+    return result;
+  };
+  if (options.budgetUsd !== undefined && reused.usd >= options.budgetUsd) {
+    // Nothing may start past the budget; say so before running anything.
+    runtime.requestStop("budget", `budget of ${formatUsd(options.budgetUsd)} already reached (thread has spent ${formatUsd(reused.usd)}): nothing run`);
+    const snapshot = await prepared.graph.getState(config);
+    return finish("stopped", snapshot.values as Record<string, unknown>);
+  }
+  const onDrain = () => runtime.requestStop("signal");
+  if (options.drain?.aborted) onDrain();
+  options.drain?.addEventListener("abort", onDrain, { once: true });
+  const usageHandler = new UsageCallbackHandler((task, usage) => runtime.recordUsage(task, usage), () => runtime.pricing);
   try {
     const values = await prepared.graph.invoke(input as never, {
       configurable: { thread_id: thread },
       // "sync": a step's checkpoint is on disk before the next step starts, so a crash loses no finished step.
       durability: "sync",
       recursionLimit: 100_000,
+      control: runtime.control,
+      callbacks: [usageHandler],
     });
-    return { thread, status: "completed", state: visibleState(values as Record<string, unknown>), tasksRun: prepared.runtime.taskCount, store: store.uri };
+    const result = await finish("completed", values as Record<string, unknown>);
+    const cleanup = prepared.workflow?.cleanupOnSuccess;
+    if (cleanup === true || (typeof cleanup === "function" && cleanup(result.state))) {
+      await store.saver.deleteThread(thread);
+      result.cleanedUp = true;
+    }
+    return result;
   } catch (error) {
+    await prepared.saver.flush();
+    // A stop (drain, budget) ends the superstep with no failed task: the run stopped, it did not fail.
+    if (isGraphDrained(error) && runtime.failedTasks.length === 0) {
+      const snapshot = await prepared.graph.getState(config);
+      return finish("stopped", snapshot.values as Record<string, unknown>);
+    }
     // Only a task's failure is a step failure; store and setup errors keep their own message.
-    if (prepared.runtime.failedTasks.length === 0) throw error;
+    if (runtime.failedTasks.length === 0) throw error;
     throw await stepFailed(prepared, store, thread, error);
+  } finally {
+    options.drain?.removeEventListener("abort", onDrain);
   }
+}
+
+/**
+ * What the thread has spent on work a resume keeps: the total at its latest checkpoint, plus what the
+ * items saved since (finished fan-out items of an unfinished step) spent.
+ */
+async function spentSoFar(store: OpenedStore, thread: string): Promise<Usage> {
+  // The checkpoint's own values: LangGraph's getState would already fold the saved writes in.
+  const latest = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
+  let total = usageInState((latest?.checkpoint.channel_values ?? {}) as Record<string, unknown>, latest);
+  for (const [, channel, value] of latest?.pendingWrites ?? []) if (channel === USAGE_CHANNEL) total = addUsage(total, value as Usage);
+  return total;
+}
+
+/** A cairn workflow's spend from its state; a plain graph's from the checkpoint's metadata. */
+function usageInState(values: Record<string, unknown>, tuple: CheckpointTuple | undefined): Usage {
+  const inState = values[USAGE_CHANNEL] as Usage | undefined;
+  if (inState && typeof inState === "object") return addUsage(NO_USAGE, inState);
+  return addUsage(NO_USAGE, (tuple?.metadata as { cairn?: { total?: Usage } } | undefined)?.cairn?.total);
+}
+
+/** For each fan-out due on resume: how many items it has and how many are already saved. */
+async function announceSavedItems(prepared: PreparedRun, thread: string): Promise<void> {
+  if (!prepared.workflow) return;
+  const snapshot = await prepared.graph.getState({ configurable: { thread_id: thread } });
+  const counts = new Map<string, { total: number; done: number }>();
+  for (const task of snapshot.tasks) {
+    if (!prepared.workflow.isMapStep(task.name)) continue;
+    const c = counts.get(task.name) ?? { total: 0, done: 0 };
+    c.total += 1;
+    if (task.result !== undefined && !task.error) c.done += 1;
+    counts.set(task.name, c);
+  }
+  for (const [step, c] of counts) prepared.runtime.emit({ type: "fanout", thread, step, total: c.total, done: c.done });
 }
 
 /** Tell the runtime which due tasks failed before, so steps can see `ctx.attempt`. */
@@ -282,7 +419,14 @@ function prepare(target: RunTarget, store: OpenedStore, thread: string, options:
     if (options.signal.aborted) controller.abort(options.signal.reason);
     else options.signal.addEventListener("abort", () => controller.abort(options.signal!.reason), { once: true });
   }
-  return prepareRun(target, store.saver, thread, controller.signal, options.onEvent ?? (() => {}));
+  if (options.budgetUsd !== undefined && !(typeof options.budgetUsd === "number" && Number.isFinite(options.budgetUsd) && options.budgetUsd >= 0)) {
+    throw new CairnError("INVALID_ARGUMENT", `Budget ${String(options.budgetUsd)} is not an amount of dollars; pass a number ≥ 0 (e.g. --budget-usd 2.50).`, { thread });
+  }
+  return prepareRun(target, store.saver, thread, controller.signal, options.onEvent ?? (() => {}), (runtime) => {
+    runtime.artifacts = store.artifacts;
+    runtime.budgetUsd = options.budgetUsd;
+    if (options.pricing) runtime.pricing = { ...runtime.pricing, ...options.pricing };
+  });
 }
 
 function parseInput(target: RunTarget, input: unknown): unknown {

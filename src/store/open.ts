@@ -3,6 +3,7 @@ import { uniqueVersion } from "./versions.ts";
 import { dirname, resolve } from "node:path";
 import type { BaseCheckpointSaver, ChannelVersions } from "@langchain/langgraph-checkpoint";
 import { CairnError } from "../errors.ts";
+import { FileArtifactStore, PostgresArtifactStore, SqliteArtifactStore, type ArtifactStore } from "./artifacts.ts";
 import { FileCheckpointSaver } from "./file.ts";
 
 /** The backends a store URI can name. */
@@ -18,6 +19,8 @@ export interface OpenedStore {
   uri: string;
   /** The LangGraph checkpointer. */
   saver: BaseCheckpointSaver;
+  /** Where steps' binary outputs are kept (`ctx.artifacts`). */
+  artifacts: ArtifactStore;
   /** Ids of every thread in the store, sorted by code unit (the same order for every backend). */
   listThreadIds(): Promise<string[]>;
   /** Release the files, database handle or connection pool. Safe to call more than once. */
@@ -164,6 +167,7 @@ function openFile(dir: string): OpenedStore {
     kind: "file",
     uri: `file:${dir}`,
     saver,
+    artifacts: new FileArtifactStore(dir),
     listThreadIds: () => saver.listThreadIds(),
     close: () => saver.close(),
   };
@@ -204,6 +208,7 @@ async function openSqlite(path: string): Promise<OpenedStore> {
       kind: "sqlite",
       uri: display,
       saver,
+      artifacts: new SqliteArtifactStore(db, display),
       listThreadIds: async () => sortIds(threads.all() as string[]),
       close: async () => {
         if (opened.open) opened.close();
@@ -262,6 +267,7 @@ async function openPostgres(target: Extract<StoreTarget, { kind: "postgres" }>):
     kind: "postgres",
     uri: display,
     saver,
+    artifacts: new PostgresArtifactStore(pool, schema, display),
     listThreadIds: async () => {
       const { rows } = await pool.query<{ thread_id: string }>(`SELECT DISTINCT thread_id FROM "${schema}".checkpoints`);
       return sortIds(rows.map((r) => r.thread_id));

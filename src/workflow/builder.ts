@@ -3,11 +3,13 @@ import { registry } from "@langchain/langgraph/zod";
 import type { RunnableConfig } from "@langchain/core/runnables";
 import { z } from "zod";
 import { CairnError } from "../errors.ts";
-import { markSharedSignal, type RunRuntime } from "./instrument.ts";
+import { markSharedSignal, type RetryPolicy, type RunRuntime, type TaskPolicy } from "./instrument.ts";
+import { addUsage, isEmptyUsage, usageFrom, type Pricing, type Usage, type UsageReport } from "./usage.ts";
+import type { ArtifactRef, PutArtifactOptions } from "../store/artifacts.ts";
 
-import { DONE_CHANNEL, gatherNode, mapChannel, undoChannel } from "../channels.ts";
+import { DONE_CHANNEL, gatherNode, mapChannel, undoChannel, USAGE_CHANNEL } from "../channels.ts";
 
-export { DONE_CHANNEL, gatherNode, mapChannel, undoChannel };
+export { DONE_CHANNEL, gatherNode, mapChannel, undoChannel, USAGE_CHANNEL };
 
 /** The record a step leaves the first time it finishes: the values of the fields it changed, as they were. */
 export interface UndoRecord {
@@ -28,8 +30,28 @@ export interface StepContext {
   /** Aborted when the run is cancelled. A failing sibling never aborts it. Pass it to model calls. */
   readonly signal: AbortSignal;
   readonly log: StepLogger;
-  /** 1 on a step's first try; 2 or more when an earlier try of it (or of this item) in this thread failed. */
+  /** 1 on a step's first try; 2 or more when an earlier try of it (or of this item) failed, in this run or before. */
   readonly attempt: number;
+  /**
+   * Report how far a long step is (`done` of `total` units, with an optional note). The CLI shows it as a
+   * bar; programs see `progress` events.
+   */
+  progress(done: number, total?: number, message?: string): void;
+  /**
+   * Report spend that cairn cannot see by itself (an image or audio API, a model called over plain
+   * HTTP). Chat model calls made through LangChain inside the step are counted automatically.
+   */
+  usage(report: UsageReport): void;
+  /** Keep bytes (an image, audio, video) beside the checkpoints and get a small reference for the state. */
+  readonly artifacts: StepArtifacts;
+}
+
+/** `ctx.artifacts`: binary outputs stored once per content hash in the run's store. */
+export interface StepArtifacts {
+  /** Store the bytes durably; put the returned reference in the state. */
+  put(bytes: Uint8Array, options?: PutArtifactOptions): Promise<ArtifactRef>;
+  /** The bytes of a reference, checked against its hash. */
+  get(ref: ArtifactRef): Promise<Uint8Array>;
 }
 
 /** What a fan-out item gets: the step context plus its position in the list. */
@@ -50,11 +72,25 @@ export interface MapOptions<S, Item, K extends ArrayKeys<S>> {
   run: (item: Item, ctx: ItemContext) => Promise<ElementOf<S[K]>> | ElementOf<S[K]>;
   /** The state field that receives the results, in item order. */
   into: K;
+  /** At most this many items run at once (model APIs rate-limit). Default: all at once. */
+  concurrency?: number;
+  /**
+   * Save finished items in batches of this many instead of one by one: fewer store writes for fan-outs
+   * of thousands of cheap items. The step boundary, a failure and a stop still save everything; a hard
+   * crash (kill -9, power loss) loses at most the last `saveEvery - 1` finished items, or those finished
+   * in the last 2 seconds, and a resume runs them again. Default 1: every item saved as it finishes.
+   */
+  saveEvery?: number;
 }
 
 export interface StepOptions<S> {
   /** Run the step only when this holds; otherwise the workflow goes on to the next step. */
   when?: (state: S) => boolean;
+  /**
+   * Retry policy for the step (for a fan-out: for each item). Default: transient failures (rate limits,
+   * timeouts, 5xx) get 3 attempts with backoff; permanent ones fail at once. `false` never retries.
+   */
+  retry?: RetryPolicy | false;
 }
 
 interface StepDef<S> {
@@ -63,6 +99,7 @@ interface StepDef<S> {
   fn?: StepFn<S>;
   map?: MapOptions<S, unknown, ArrayKeys<S>>;
   when?: (state: S) => boolean;
+  retry?: RetryPolicy | false;
 }
 
 /** The end of a route: no further step. */
@@ -77,6 +114,14 @@ export interface WorkflowOptions<Schema extends AnyZodObject> {
   defaultInput?: z.input<Schema>;
   /** A version the workflow declares (bump it when its behaviour changes). */
   version?: string;
+  /** Prices per million tokens by model name, for turning counted tokens into money. */
+  pricing?: Pricing;
+  /**
+   * Delete the thread's checkpoints once a run completes, when this is true or returns true for the final
+   * state (e.g. an input switch). For pipelines whose product is written out (a sheet, a book) and whose
+   * intermediate state is not worth keeping. Artifacts stay in the store; the final state is returned.
+   */
+  cleanupOnSuccess?: boolean | ((state: z.infer<Schema>) => boolean);
 }
 
 /**
@@ -98,6 +143,8 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
   readonly schema: Schema;
   readonly defaultInput: z.input<Schema> | undefined;
   readonly version: string | undefined;
+  readonly pricing: Pricing | undefined;
+  readonly cleanupOnSuccess: WorkflowOptions<Schema>["cleanupOnSuccess"];
   private readonly defs: StepDef<z.infer<Schema>>[];
   private readonly routes: Map<string, (state: z.infer<Schema>) => string>;
 
@@ -111,6 +158,8 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
     this.schema = options.state;
     this.defaultInput = options.defaultInput;
     this.version = options.version;
+    this.pricing = options.pricing;
+    this.cleanupOnSuccess = options.cleanupOnSuccess;
     this.defs = defs;
     this.routes = routes;
   }
@@ -122,7 +171,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
 
   /** Add a step: a pure async function from the state to a partial update. */
   step<N extends string>(name: N, fn: StepFn<z.infer<Schema>>, options: StepOptions<z.infer<Schema>> = {}): Workflow<Schema, Names | N> {
-    return this.add({ name, kind: "step", fn, when: options.when });
+    return this.add({ name, kind: "step", fn, when: options.when, retry: options.retry });
   }
 
   /** Add a fan-out step: one task per item of `over`, results gathered into `into` in item order. */
@@ -130,7 +179,13 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
     name: N,
     options: MapOptions<z.infer<Schema>, Item, K> & StepOptions<z.infer<Schema>>,
   ): Workflow<Schema, Names | N> {
-    return this.add({ name, kind: "map", map: options as unknown as MapOptions<z.infer<Schema>, unknown, ArrayKeys<z.infer<Schema>>>, when: options.when });
+    if (options.concurrency !== undefined && !(Number.isInteger(options.concurrency) && options.concurrency >= 1)) {
+      throw new CairnError("INVALID_ARGUMENT", `Fan-out step "${name}" has concurrency ${String(options.concurrency)}; use a whole number of 1 or more.`, { step: name });
+    }
+    if (options.saveEvery !== undefined && !(Number.isInteger(options.saveEvery) && options.saveEvery >= 1)) {
+      throw new CairnError("INVALID_ARGUMENT", `Fan-out step "${name}" has saveEvery ${String(options.saveEvery)}; use a whole number of 1 or more (1 saves each item as it finishes).`, { step: name });
+    }
+    return this.add({ name, kind: "map", map: options as unknown as MapOptions<z.infer<Schema>, unknown, ArrayKeys<z.infer<Schema>>>, when: options.when, retry: options.retry });
   }
 
   /**
@@ -145,7 +200,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
   }
 
   private options(): WorkflowOptions<Schema> {
-    return { state: this.schema, defaultInput: this.defaultInput, version: this.version };
+    return { state: this.schema, defaultInput: this.defaultInput, version: this.version, pricing: this.pricing, cleanupOnSuccess: this.cleanupOnSuccess };
   }
 
   private add<N extends string>(def: StepDef<z.infer<Schema>>): Workflow<Schema, Names | N> {
@@ -243,6 +298,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
   toStateGraph(runtime: RunRuntime): StateGraph<any, any, any, any, any, any> {
     type S = z.infer<Schema>;
     const internal: Record<string, z.ZodType> = {
+      [USAGE_CHANNEL]: z.any().register(registry, { reducer: { fn: (a: Usage | undefined, b: Usage | undefined) => addUsage(a, b) } }),
       [DONE_CHANNEL]: z
         .array(z.string())
         .register(registry, { reducer: { fn: (a: string[], b: string[]) => [...a, ...b.filter((x) => !a.includes(x))] }, default: () => [] }),
@@ -263,13 +319,26 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
       for (const k of Object.keys(this.schema.shape)) if (k in state) view[k] = state[k];
       return view as S;
     };
-    const ctxFor = (step: string, config: RunnableConfig, item?: number): StepContext => ({
-      thread: String(config.configurable?.thread_id ?? runtime.thread),
-      step,
-      signal: runtime.signal,
-      log: (message) => runtime.emit({ type: "log", thread: runtime.thread, step, item, message }),
-      attempt: runtime.attemptOf(step, item),
-    });
+    const ctxFor = (step: string, config: RunnableConfig, attempt: number, item?: number): StepContext => {
+      const taskId = taskIdOf(config);
+      const where = item === undefined ? `Step "${step}"` : `Item ${item} of step "${step}"`;
+      return {
+        thread: String(config.configurable?.thread_id ?? runtime.thread),
+        step,
+        signal: runtime.signal,
+        log: (message) => runtime.emit({ type: "log", thread: runtime.thread, step, item, message }),
+        attempt,
+        progress: (done, total, message) => runtime.emit({ type: "progress", thread: runtime.thread, step, item, done, total, message }),
+        usage: (report) => runtime.recordUsage(taskId, usageFrom(report, runtime.pricing, where), step, item),
+        artifacts: runtime.artifactsFor(where),
+      };
+    };
+    /** What the task spent, as an update of the thread's running total. */
+    const spent = (config: RunnableConfig): Record<string, Usage> => {
+      const usage = runtime.usageOf(taskIdOf(config));
+      return isEmptyUsage(usage) ? {} : { [USAGE_CHANNEL]: usage };
+    };
+    const policyOf = (def: StepDef<S>): TaskPolicy => ({ retry: def.retry, concurrency: def.map?.concurrency, saveEvery: def.map?.saveEvery });
     /** The done mark, and on the first run the undo record, that go with a step's update. */
     const bookkeeping = (step: string, state: Record<string, unknown>, changed: string[]) => {
       const done = (state[DONE_CHANNEL] as string[] | undefined) ?? [];
@@ -286,21 +355,33 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
     for (const def of this.defs) {
       if (def.kind === "step") {
         graph.addNode(def.name, async (state: Record<string, unknown>, config: RunnableConfig) =>
-          runtime.task(def.name, undefined, taskIdOf(config), async () => {
-            markSharedSignal(config);
-            const update = this.checkUpdate(def.name, await def.fn!(userView(state), ctxFor(def.name, config)));
-            return { ...update, ...bookkeeping(def.name, state, Object.keys(update)) };
-          }),
+          runtime.task(
+            def.name,
+            undefined,
+            taskIdOf(config),
+            async (attempt) => {
+              markSharedSignal(config);
+              const update = this.checkUpdate(def.name, await def.fn!(userView(state), ctxFor(def.name, config, attempt)));
+              return { ...update, ...bookkeeping(def.name, state, Object.keys(update)), ...spent(config) };
+            },
+            policyOf(def),
+          ),
         );
       } else {
         const map = def.map!;
         graph.addNode(def.name, async (arg: { __cairn_item: unknown; __cairn_index: number }, config: RunnableConfig) =>
-          runtime.task(def.name, arg.__cairn_index, taskIdOf(config), async () => {
-            markSharedSignal(config);
-            const ctx: ItemContext = { ...ctxFor(def.name, config, arg.__cairn_index), index: arg.__cairn_index };
-            const result = await map.run(arg.__cairn_item, ctx);
-            return { [mapChannel(def.name)]: [{ i: arg.__cairn_index, r: result }] };
-          }),
+          runtime.task(
+            def.name,
+            arg.__cairn_index,
+            taskIdOf(config),
+            async (attempt) => {
+              markSharedSignal(config);
+              const ctx: ItemContext = { ...ctxFor(def.name, config, attempt, arg.__cairn_index), index: arg.__cairn_index };
+              const result = await map.run(arg.__cairn_item, ctx);
+              return { [mapChannel(def.name)]: [{ i: arg.__cairn_index, r: result }], ...spent(config) };
+            },
+            policyOf(def),
+          ),
         );
         graph.addNode(gatherNode(def.name), async (state: Record<string, unknown>, config: RunnableConfig) =>
           runtime.task(gatherNode(def.name), undefined, taskIdOf(config), async () => {
@@ -331,6 +412,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
         if (def.kind === "step") return def.name;
         const items = def.map!.over(state);
         if (items.length === 0) return gatherNode(def.name);
+        runtime.emit({ type: "fanout", thread: runtime.thread, step: def.name, total: items.length, done: 0 });
         return items.map((item, index) => new Send(def.name, { __cairn_item: item, __cairn_index: index }));
       }
       return END;

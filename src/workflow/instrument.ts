@@ -1,4 +1,10 @@
 import { setMaxListeners } from "node:events";
+import { GraphDrained, isGraphDrained, RunControl } from "@langchain/langgraph";
+import pLimit, { type LimitFunction } from "p-limit";
+import pRetry from "p-retry";
+import { CairnError } from "../errors.ts";
+import type { ArtifactStore } from "../store/artifacts.ts";
+import { addUsage, NO_USAGE, type Pricing, type Usage } from "./usage.ts";
 
 /**
  * What every node of a cairn run goes through, for cairn workflows and plain LangGraph graphs alike:
@@ -21,12 +27,35 @@ export function markSharedSignal(config: { signal?: AbortSignal } | undefined): 
   if (config?.signal) setMaxListeners(0, config.signal);
 }
 
-/** Events a run emits; the CLI renders them and programs can subscribe. */
+/** Why a run stopped before its end without failing. */
+export type StopReason = "signal" | "budget";
+
+/** Events a run emits; the CLI renders them and programs can subscribe (`onEvent`). */
 export type RunEvent =
-  | { type: "task:start"; thread: string; node: string; step: string; item?: number }
-  | { type: "task:end"; thread: string; node: string; step: string; item?: number; durationMs: number }
-  | { type: "task:error"; thread: string; node: string; step: string; item?: number; durationMs: number; error: Error }
+  | {
+      type: "run:start";
+      thread: string;
+      workflow: string;
+      /** The declared steps, in order. */
+      steps: string[];
+      /** Steps already finished in the thread: a resume does not run them again. */
+      skipped: string[];
+      /** What the thread had spent before this run (reused, not paid again). */
+      spentBefore: Usage;
+    }
+  | { type: "task:start"; thread: string; node: string; step: string; item?: number; attempt: number }
+  | { type: "task:end"; thread: string; node: string; step: string; item?: number; durationMs: number; usage: Usage }
+  | { type: "task:error"; thread: string; node: string; step: string; item?: number; durationMs: number; error: Error; usage: Usage }
+  | { type: "task:retry"; thread: string; node: string; step: string; item?: number; failedAttempt: number; error: Error }
+  /** A fan-out step's items: how many there are, how many were already saved before this run. */
+  | { type: "fanout"; thread: string; step: string; total: number; done: number }
+  /** A step's own report of how far it is (`ctx.progress`). */
+  | { type: "progress"; thread: string; step: string; item?: number; done: number; total?: number; message?: string }
+  /** Model calls counted: this report, and everything this run has spent so far. */
+  | { type: "usage"; thread: string; step?: string; item?: number; usage: Usage; runTotal: Usage }
   | { type: "log"; thread: string; step: string; item?: number; message: string }
+  /** The run will stop at the next step boundary (Ctrl+C, SIGTERM, `drain`, or the budget). */
+  | { type: "stopping"; thread: string; reason: StopReason; message: string }
   | {
       type: "checkpoint";
       thread: string;
@@ -36,6 +65,10 @@ export type RunEvent =
       tasks: number;
       /** True when only cairn's own bookkeeping ran (a fan-out gathering its results). */
       internal: boolean;
+      /** Spent by the tasks this checkpoint records. */
+      usage: Usage;
+      /** Spent by the thread up to and including this checkpoint. */
+      total: Usage;
     };
 
 /** Finished tasks since the last checkpoint, drained by the run's recording saver. */
@@ -45,6 +78,63 @@ export interface TaskRecord {
   startedAt: number;
   endedAt: number;
   ok: boolean;
+  usage: Usage;
+}
+
+/**
+ * When a failing step or item is tried again within the run. The default retries transient failures
+ * (rate limits, timeouts, 5xx, dropped connections: see {@link isTransientError}) up to 3 attempts with
+ * exponential backoff; a permanent failure fails at once.
+ */
+export interface RetryPolicy {
+  /** Attempts in all, the first included. Default 3; 1 turns retrying off. */
+  maxAttempts?: number;
+  /** Wait before the first retry. Default 1000 ms. */
+  initialDelayMs?: number;
+  /** Longest wait between attempts. Default 30 000 ms. */
+  maxDelayMs?: number;
+  /** Each wait is the previous one times this (with random jitter up to 2×). Default 2. */
+  factor?: number;
+  /** Which errors are worth another attempt. Default {@link isTransientError}. */
+  retryOn?: (error: unknown) => boolean;
+}
+
+/** What a task runs under: retry policy and, for a fan-out, how many items may run at once. */
+export interface TaskPolicy {
+  retry?: RetryPolicy | false;
+  concurrency?: number;
+  /** Save finished items in batches of this many (see `MapOptions.saveEvery`). */
+  saveEvery?: number;
+}
+
+/** Throw this (or set `transient: true` on any error) to mark a failure as worth retrying. */
+export class TransientError extends Error {
+  readonly transient = true;
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = "TransientError";
+  }
+}
+
+const TRANSIENT_STATUS = new Set([408, 409, 425, 429, 500, 502, 503, 504, 529]);
+const TRANSIENT_CODES = new Set(["ETIMEDOUT", "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "EPIPE", "EAI_AGAIN", "ENETUNREACH", "EHOSTUNREACH", "UND_ERR_SOCKET", "UND_ERR_CONNECT_TIMEOUT", "UND_ERR_HEADERS_TIMEOUT", "UND_ERR_BODY_TIMEOUT"]);
+const TRANSIENT_NAMES = new Set(["TimeoutError", "RateLimitError", "APIConnectionError", "APIConnectionTimeoutError", "InternalServerError", "TransientError"]);
+
+/**
+ * Whether a failure is likely to go away on its own: an explicit `transient` flag, an HTTP status of
+ * 408, 409, 425, 429 or 5xx (as model SDKs attach it: `status`, `statusCode`, `response.status`), a
+ * network error code, or a timeout / rate-limit error class. Everything else (bad requests, auth,
+ * content filters, bugs) is permanent: retrying would only pay again for the same failure.
+ */
+export function isTransientError(error: unknown): boolean {
+  if (typeof error !== "object" || error === null) return false;
+  const e = error as { transient?: unknown; status?: unknown; statusCode?: unknown; response?: { status?: unknown }; code?: unknown; name?: unknown; cause?: unknown };
+  if (typeof e.transient === "boolean") return e.transient;
+  const status = e.status ?? e.statusCode ?? e.response?.status;
+  if (typeof status === "number") return TRANSIENT_STATUS.has(status);
+  if (typeof e.code === "string" && TRANSIENT_CODES.has(e.code)) return true;
+  if (typeof e.name === "string" && TRANSIENT_NAMES.has(e.name)) return true;
+  return e.cause !== undefined && e.cause !== error ? isTransientError(e.cause) : false;
 }
 
 /** One run's shared machinery, handed to the graph when it is compiled for that run. */
@@ -54,8 +144,34 @@ export class RunRuntime {
   readonly failedTasks: TaskRecord[] = [];
   /** Tasks started in this run. */
   taskCount = 0;
+  /** Fan-out items that were due but not started because the run was stopping. */
+  notStarted = 0;
   /** Failures recorded in the thread before this run, by `attemptKey`: earlier attempts of a step or item. */
   previousFailures = new Map<string, number>();
+  /** Prices for turning token counts into money. */
+  pricing: Pricing | undefined;
+  /** Stop at the next step boundary once the thread has spent this much. */
+  budgetUsd: number | undefined;
+  /** Where `ctx.artifacts` keeps bytes: the run's store. */
+  artifacts: ArtifactStore | undefined;
+  /** LangGraph's drain switch for this run: the loop stops at the next superstep boundary. */
+  readonly control = new RunControl();
+  /** Set once a stop was requested. */
+  stopReason: StopReason | undefined;
+  /** The thread's spend as of the last checkpoint, and what was reported since. */
+  private committed: Usage = NO_USAGE;
+  private sinceCommit: Usage = NO_USAGE;
+  /** Everything this run spent, and the part spent by tasks that then failed (not in any checkpoint). */
+  runUsage: Usage = NO_USAGE;
+  lostUsage: Usage = NO_USAGE;
+  private readonly taskUsage = new Map<string, Usage>();
+  /** Fan-out tasks whose writes may be saved in batches, with the batch size (`saveEvery`). */
+  private readonly batched = new Map<string, number>();
+  /** Writes out every batched task write; set by the run's saver. */
+  flushWrites: () => Promise<void> = async () => {};
+  private readonly limiters = new Map<string, LimitFunction>();
+  /** Aborted when a stop is requested: cuts short a retry's wait. */
+  private readonly stopping = new AbortController();
   /** Started tasks whose writes are not yet saved. */
   private unsettled = new Set<string>();
   /** Failed tasks holding back their error until their siblings are saved. */
@@ -71,36 +187,59 @@ export class RunRuntime {
     /** Maps a graph node to the workflow step it belongs to (e.g. a fan-out's gather node). */
     readonly stepOf: (node: string) => string = (node) => node,
     readonly now: () => number = Date.now,
-  ) {}
+  ) {
+    setMaxListeners(0, this.stopping.signal);
+  }
 
   /**
-   * Run one task: time it, report it, and on failure hold the error until every sibling task that is
-   * still running has finished and had its writes saved (see `settled`), then rethrow.
+   * Run one task: wait for a slot when the step limits its concurrency, time it, retry transient
+   * failures, report it, and on failure hold the error until every sibling task that is still running
+   * has finished and had its writes saved (see `settled`), then rethrow. A task that has not started
+   * when the run is stopping does not start: it leaves no writes, so a resume runs it.
    */
-  async task<T>(node: string, item: number | undefined, taskId: string | undefined, fn: () => Promise<T>): Promise<T> {
+  async task<T>(node: string, item: number | undefined, taskId: string | undefined, fn: (attempt: number) => Promise<T>, policy: TaskPolicy = {}): Promise<T> {
     const id = taskId ?? `anonymous-${(this.anonymous += 1)}`;
     const step = this.stepOf(node);
+    if (taskId !== undefined) this.unsettled.add(id);
+    if (taskId !== undefined && policy.saveEvery !== undefined && policy.saveEvery > 1) this.batched.set(taskId, policy.saveEvery);
+    const body = () => this.attempt(node, step, item, id, fn, policy.retry);
+    return policy.concurrency ? this.limiter(step, policy.concurrency)(body) : body();
+  }
+
+  private async attempt<T>(node: string, step: string, item: number | undefined, id: string, fn: (attempt: number) => Promise<T>, retry: RetryPolicy | false | undefined): Promise<T> {
+    if (this.stopReason === undefined && this.overBudget()) this.requestStop("budget");
+    if (this.stopReason !== undefined) {
+      this.notStarted += 1;
+      throw this.notStarting(id);
+    }
     const startedAt = this.now();
     this.taskCount += 1;
-    if (taskId !== undefined) this.unsettled.add(id);
-    this.emit({ type: "task:start", thread: this.thread, node, step, item });
+    const first = this.attemptOf(node, item);
+    this.emit({ type: "task:start", thread: this.thread, node, step, item, attempt: first });
     try {
-      const result = await fn();
+      const result = await this.withRetry(node, step, item, first, fn, retry);
       const endedAt = this.now();
-      this.finished.push({ node, step, startedAt, endedAt, ok: true });
-      this.emit({ type: "task:end", thread: this.thread, node, step, item, durationMs: endedAt - startedAt });
+      const usage = this.taskUsage.get(id) ?? NO_USAGE;
+      this.finished.push({ node, step, startedAt, endedAt, ok: true, usage });
+      this.emit({ type: "task:end", thread: this.thread, node, step, item, durationMs: endedAt - startedAt, usage });
       return result;
     } catch (error) {
+      if (isGraphDrained(error)) throw this.notStarting(id);
       const endedAt = this.now();
-      const record = { node, step, startedAt, endedAt, ok: false };
+      const usage = this.taskUsage.get(id) ?? NO_USAGE;
+      this.taskUsage.delete(id);
+      this.lostUsage = addUsage(this.lostUsage, usage);
+      const record = { node, step, startedAt, endedAt, ok: false, usage };
       this.finished.push(record);
       this.failedTasks.push(record);
       const err = error instanceof Error ? error : new Error(String(error));
-      this.emit({ type: "task:error", thread: this.thread, node, step, item, durationMs: endedAt - startedAt, error: err });
+      this.emit({ type: "task:error", thread: this.thread, node, step, item, durationMs: endedAt - startedAt, error: err, usage });
       this.holding.add(id);
       this.wake();
       try {
         await this.untilSiblingsSaved();
+        // Siblings' writes held for a batch go to the store before the failure ends the superstep.
+        await this.flushWrites();
       } finally {
         this.holding.delete(id);
         this.unsettled.delete(id);
@@ -109,8 +248,118 @@ export class RunRuntime {
     }
   }
 
-  /** The run's saver calls this once a task's writes are durably saved. */
+  /** A task that will not run: LangGraph treats a drained task as unstarted (no error is saved). */
+  private notStarting(id: string): GraphDrained {
+    this.unsettled.delete(id);
+    this.wake();
+    return new GraphDrained(this.stopReason ?? "shutdown");
+  }
+
+  private async withRetry<T>(node: string, step: string, item: number | undefined, first: number, fn: (attempt: number) => Promise<T>, retry: RetryPolicy | false | undefined): Promise<T> {
+    const call = async (n: number) => {
+      try {
+        return await fn(first + n - 1);
+      } catch (error) {
+        // p-retry only handles Error instances; a thrown string must still fail the task, not crash it.
+        throw error instanceof Error ? error : new Error(String(error));
+      }
+    };
+    const policy = retry === false ? { maxAttempts: 1 } : (retry ?? {});
+    const maxAttempts = policy.maxAttempts ?? 3;
+    if (maxAttempts <= 1) return call(1);
+    const retryOn = policy.retryOn ?? isTransientError;
+    return pRetry(call, {
+      retries: maxAttempts - 1,
+      factor: policy.factor ?? 2,
+      minTimeout: policy.initialDelayMs ?? 1000,
+      maxTimeout: policy.maxDelayMs ?? 30_000,
+      randomize: true,
+      signal: this.stopping.signal,
+      shouldRetry: ({ error, attemptNumber }) => {
+        if (this.stopReason !== undefined || !retryOn(error)) return false;
+        this.emit({ type: "task:retry", thread: this.thread, node, step, item, failedAttempt: first + attemptNumber - 1, error });
+        return true;
+      },
+    });
+  }
+
+  private limiter(step: string, concurrency: number): LimitFunction {
+    let limit = this.limiters.get(step);
+    if (!limit) {
+      limit = pLimit(concurrency);
+      this.limiters.set(step, limit);
+    }
+    return limit;
+  }
+
+  /** Ask the run to stop at the next step boundary; tasks not yet started do not start. */
+  requestStop(reason: StopReason, message?: string): void {
+    if (this.stopReason !== undefined) return;
+    this.stopReason = reason;
+    this.control.requestDrain(reason);
+    this.stopping.abort(new GraphDrained(reason));
+    const spent = this.spent();
+    const text =
+      message ??
+      (reason === "budget"
+        ? `budget of ${formatUsd(this.budgetUsd ?? 0)} reached (spent ${formatUsd(spent.usd)}): stopping at the next step boundary`
+        : "stopping at the next step boundary; finished work is kept");
+    this.emit({ type: "stopping", thread: this.thread, reason, message: text });
+  }
+
+  /** Count a model call (or a step's own report) against its task, the run and the budget. */
+  recordUsage(taskId: string | undefined, usage: Usage, step?: string, item?: number): void {
+    if (taskId !== undefined) this.taskUsage.set(taskId, addUsage(this.taskUsage.get(taskId), usage));
+    this.sinceCommit = addUsage(this.sinceCommit, usage);
+    this.runUsage = addUsage(this.runUsage, usage);
+    this.emit({ type: "usage", thread: this.thread, step, item, usage, runTotal: this.runUsage });
+  }
+
+  /** `ctx.artifacts` for one step or item. */
+  artifactsFor(where: string): { put: ArtifactStore["put"]; get: ArtifactStore["get"] } {
+    const store = () => {
+      if (!this.artifacts) throw new CairnError("INVALID_ARGUMENT", `${where} used ctx.artifacts, but this run has no artifact store. Run it with cairn's run() or resume(), which open one with the checkpoint store.`);
+      return this.artifacts;
+    };
+    return { put: (bytes, options) => store().put(bytes, options), get: (ref) => store().get(ref) };
+  }
+
+  /** What a task has spent so far (all its attempts). */
+  usageOf(taskId: string | undefined): Usage {
+    return (taskId !== undefined && this.taskUsage.get(taskId)) || NO_USAGE;
+  }
+
+  /** The thread's spend: as of its last checkpoint plus everything reported since. */
+  spent(): Usage {
+    return addUsage(this.committed, this.sinceCommit);
+  }
+
+  overBudget(): boolean {
+    return this.budgetUsd !== undefined && this.spent().usd >= this.budgetUsd;
+  }
+
+  /** A checkpoint was saved recording `total` spent by the thread: check the budget at this boundary. */
+  checkpointed(total: Usage): void {
+    this.committed = total;
+    this.sinceCommit = NO_USAGE;
+    if (this.stopReason === undefined && this.overBudget()) this.requestStop("budget");
+  }
+
+  /** The thread's spend when the run starts. */
+  startFrom(total: Usage): void {
+    this.committed = total;
+    this.sinceCommit = NO_USAGE;
+  }
+
+  /** How many finished items of this task's fan-out are saved together (1: each on its own). */
+  saveEveryOf(taskId: string): number {
+    return this.batched.get(taskId) ?? 1;
+  }
+
+  /** The run's saver calls this once a task's writes are saved (or held for a batch). */
   settled(taskId: string): void {
+    this.taskUsage.delete(taskId);
+    this.batched.delete(taskId);
     if (this.unsettled.delete(taskId)) this.wake();
   }
 
@@ -148,6 +397,11 @@ export class RunRuntime {
   toJSON(): string {
     return "[cairn RunRuntime]";
   }
+}
+
+/** Dollars for people: cents precision for big amounts, four decimals for small ones. */
+export function formatUsd(usd: number): string {
+  return usd >= 1 ? `$${usd.toFixed(2)}` : `$${usd.toFixed(4)}`;
 }
 
 export function attemptKey(node: string, item: number | undefined): string {

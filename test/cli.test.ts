@@ -1,60 +1,20 @@
 import { execFile } from "node:child_process";
-import { cp, mkdir, mkdtemp, readdir, rm, stat, symlink, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { cp, mkdir, readdir, stat, writeFile } from "node:fs/promises";
 import { join, relative } from "node:path";
-import { fileURLToPath } from "node:url";
-import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { BIN, cairn, removeWorkdirs, workdir, type CliResult } from "./helpers/cli.ts";
 
 /*
- * The `cairn` binary as a user runs it: a child process per command, in a fresh temporary working
- * directory, against a file store in that directory. Each spawn loads tsx and the graph (about a second),
- * so threads that several tests only read are made once and copied.
+ * The `cairn` binary as a user runs it (test/helpers/cli.ts), against a file store in a fresh working
+ * directory. Each spawn loads tsx and the graph (about a second), so threads that several tests only read
+ * are made once and copied.
  */
 
-const ROOT = fileURLToPath(new URL("..", import.meta.url));
-const BIN = join(ROOT, "bin", "cairn.js");
 const GRAPH = "graphs/moral-video.ts";
 const PLAIN_GRAPH = "test/fixtures/plain-graph.ts";
 const STEPS = ["context_analyzer", "web_researcher", "story_generator", "script_segmenter", "character_designer", "video_assembler"];
-const SPAWN_TIMEOUT_MS = 30_000;
 
-interface Result {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/** Run `cairn <args>` in `cwd`; resolves with the exit code and output, rejects only if it hangs or cannot start. */
-function cairn(cwd: string, args: string[], env: Record<string, string> = {}): Promise<Result> {
-  const childEnv: NodeJS.ProcessEnv = { ...process.env, ...env };
-  // The graph would call a hosted model with a key set, and CAIRN_STORE would change the default store.
-  delete childEnv.OPENAI_API_KEY;
-  delete childEnv.CAIRN_STORE;
-  return new Promise((resolve, reject) => {
-    execFile(process.execPath, [BIN, ...args], { cwd, env: childEnv, timeout: SPAWN_TIMEOUT_MS, maxBuffer: 16 << 20 }, (error, stdout, stderr) => {
-      if (error && typeof error.code !== "number") {
-        reject(new Error(`cairn ${args.join(" ")} did not finish (${error.signal ?? error.code}): ${stderr}`));
-        return;
-      }
-      resolve({ code: error ? (error.code as number) : 0, stdout, stderr });
-    });
-  });
-}
-
-const dirs: string[] = [];
-afterAll(async () => {
-  for (const dir of dirs.splice(0)) await rm(dir, { recursive: true, force: true });
-});
-
-/** A fresh working directory that sees the repo's graphs and fixtures at their usual relative paths. */
-async function workdir(): Promise<string> {
-  const dir = await mkdtemp(join(tmpdir(), "cairn-cli-"));
-  dirs.push(dir);
-  await symlink(join(ROOT, "graphs"), join(dir, "graphs"));
-  await mkdir(join(dir, "test"));
-  await symlink(join(ROOT, "test", "fixtures"), join(dir, "test", "fixtures"));
-  return dir;
-}
+afterAll(removeWorkdirs);
 
 const storeOf = (cwd: string) => `file:${join(cwd, "store")}`;
 
@@ -457,8 +417,8 @@ describe("the printed resume command works as printed, whatever the thread id", 
     const printed = lines(failed.stderr).find((l) => l.startsWith("  Continue with: "))!.slice("  Continue with: ".length);
     expect(printed).toBe(`cairn resume ${GRAPH} --thread='-my run'\\''s 1' --store ${store}`);
     // Run it through a real shell, with `cairn` standing for the binary.
-    const resumed = await new Promise<Result>((resolve) => {
-      execFile("/bin/sh", ["-c", `cairn() { "${process.execPath}" "${BIN}" "$@"; }; ${printed}`], { cwd, timeout: SPAWN_TIMEOUT_MS }, (error, stdout, stderr) =>
+    const resumed = await new Promise<CliResult>((resolve) => {
+      execFile("/bin/sh", ["-c", `cairn() { "${process.execPath}" "${BIN}" "$@"; }; ${printed}`], { cwd, timeout: 30_000 }, (error, stdout, stderr) =>
         resolve({ code: error ? Number(error.code) : 0, stdout, stderr }),
       );
     });

@@ -1,6 +1,7 @@
 import { readFile } from "node:fs/promises";
 import { resolve } from "node:path";
 import { parseArgs, type ParseArgsConfig } from "node:util";
+import { parseDocument } from "yaml";
 import { CairnError } from "../index.ts";
 
 /** Flags every command accepts. */
@@ -10,6 +11,21 @@ export const COMMON_OPTIONS = {
   verbose: { type: "boolean", default: false },
   help: { type: "boolean", short: "h", default: false },
 } as const satisfies ParseArgsConfig["options"];
+
+/** Flags of the commands that run steps. */
+export const RUN_OPTIONS = {
+  "budget-usd": { type: "string" },
+} as const satisfies ParseArgsConfig["options"];
+
+/** `--budget-usd 2.50` as a number; a usage error for anything that is not an amount. */
+export function budgetOption(raw: string | undefined): number | undefined {
+  if (raw === undefined) return undefined;
+  const value = Number(raw.replace(/^\$/, ""));
+  if (raw.trim() === "" || !Number.isFinite(value) || value < 0) {
+    throw new CairnError("INVALID_ARGUMENT", `--budget-usd ${JSON.stringify(raw)} is not an amount of dollars. Pass a number ≥ 0, e.g. --budget-usd 2.50`);
+  }
+  return value;
+}
 
 /** parseArgs with its errors turned into one-line usage errors that name the command's help. */
 export function parse<O extends NonNullable<ParseArgsConfig["options"]>>(command: string, argv: string[], options: O) {
@@ -21,7 +37,7 @@ export function parse<O extends NonNullable<ParseArgsConfig["options"]>>(command
   }
 }
 
-/** `--input '<json>'` or `--input @file.json`, parsed; undefined when absent. */
+/** `--input '<json>'`, `--input @file.json` or `--input @file.yaml`, parsed; undefined when absent. */
 export async function readInput(raw: string | undefined, cwd: string): Promise<unknown> {
   if (raw === undefined) return undefined;
   let text = raw;
@@ -32,7 +48,14 @@ export async function readInput(raw: string | undefined, cwd: string): Promise<u
     try {
       text = await readFile(resolve(cwd, file), "utf8");
     } catch {
-      throw new CairnError("INVALID_ARGUMENT", `Input file "${file}" cannot be read. Pass an existing JSON file: --input @story.json`, { file });
+      throw new CairnError("INVALID_ARGUMENT", `Input file "${file}" cannot be read. Pass an existing JSON or YAML file: --input @story.json`, { file });
+    }
+    if (/\.ya?ml$/i.test(file)) {
+      const doc = parseDocument(text, { prettyErrors: true });
+      if (doc.errors.length) {
+        throw new CairnError("INVALID_ARGUMENT", `Input file "${file}" is not valid YAML: ${doc.errors[0]!.message}`, { file });
+      }
+      return doc.toJS();
     }
   }
   try {

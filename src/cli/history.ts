@@ -1,10 +1,15 @@
 import { latestTuple, openStore, readHistory, statusOf } from "../index.ts";
 import { COMMON_OPTIONS, onePositional, parse } from "./args.ts";
+import { spentAt } from "../inspect/history.ts";
+import { formatUsd } from "../workflow/instrument.ts";
+import { isEmptyUsage } from "../workflow/usage.ts";
+import { describeUsage, formatTokens } from "./progress.ts";
 import { formatDuration, table, type Io } from "./render.ts";
 
 export const usage = `cairn history <thread> [--store <uri>] [--json]
 
-List a thread's checkpoints, oldest first: id, step, time, duration, source.
+List a thread's checkpoints, oldest first: id, step, time, duration, tasks, the step's cost and tokens, the
+thread's running total, source.
 Use an id with: cairn resume <graph.ts> --thread <thread> --checkpoint <id>, or cairn inspect <thread> --checkpoint <id>.`;
 
 export async function historyCommand(argv: string[], io: Io): Promise<number> {
@@ -19,11 +24,15 @@ export async function historyCommand(argv: string[], io: Io): Promise<number> {
       io.out(JSON.stringify(history, null, 2));
       return 0;
     }
-    const rows = [["#", "CHECKPOINT", "STEP", "TIME", "DURATION", "TASKS", "SOURCE"]];
-    history.forEach((h, i) => rows.push([String(i + 1), h.id, h.step, h.ts, formatDuration(h.durationMs), h.tasks ? String(h.tasks) : "", h.source]));
+    const rows = [["#", "CHECKPOINT", "STEP", "TIME", "DURATION", "TASKS", "COST", "TOKENS", "TOTAL", "SOURCE"]];
+    history.forEach((h, i) => {
+      const cost = h.usage && !isEmptyUsage(h.usage) ? [formatUsd(h.usage.usd), formatTokens(h.usage.inputTokens + h.usage.outputTokens)] : ["", ""];
+      rows.push([String(i + 1), h.id, h.step, h.ts, formatDuration(h.durationMs), h.tasks ? String(h.tasks) : "", ...cost, h.total ? formatUsd(h.total.usd) : "", h.source]);
+    });
     for (const line of table(rows)) io.out(line);
     const { status, next } = statusOf(tuple);
-    io.out(`status: ${status}${next.length ? ` · next: ${next.join(", ")}` : ""}`);
+    const spent = spentAt(tuple);
+    io.out(`status: ${status}${next.length ? ` · next: ${next.join(", ")}` : ""} · spent ${describeUsage(spent)}`);
     return 0;
   } finally {
     await store.close();

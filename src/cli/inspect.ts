@@ -1,5 +1,7 @@
 import { openStore, stateAt } from "../index.ts";
 import { COMMON_OPTIONS, onePositional, parse } from "./args.ts";
+import { isEmptyUsage } from "../workflow/usage.ts";
+import { describeUsage } from "./progress.ts";
 import { renderState, type Io } from "./render.ts";
 
 export const usage = `cairn inspect <thread> [--step <name> | --checkpoint <id>] [--store <uri>] [--json]
@@ -19,6 +21,7 @@ export async function inspectCommand(argv: string[], io: Io): Promise<number> {
       return 0;
     }
     io.out(`thread ${thread} · checkpoint ${state.checkpoint} · after step ${state.step} · ${state.ts}`);
+    if (!isEmptyUsage(state.spent)) io.out(`spent so far: ${describeUsage(state.spent)}`);
     renderState(io, state.values);
     return 0;
   } finally {

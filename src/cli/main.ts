@@ -1,4 +1,6 @@
+import { createLogUpdate } from "log-update";
 import { isCairnError, USAGE_ERROR_CODES } from "../index.ts";
+import { artifactsCommand, usage as artifactsUsage } from "./artifacts.ts";
 import { historyCommand, usage as historyUsage } from "./history.ts";
 import { inspectCommand, usage as inspectUsage } from "./inspect.ts";
 import type { Io } from "./render.ts";
@@ -12,12 +14,13 @@ const COMMANDS: Record<string, (argv: string[], io: Io) => Promise<number>> = {
   threads: threadsCommand,
   history: historyCommand,
   inspect: inspectCommand,
+  artifacts: artifactsCommand,
 };
 
 const HELP = `cairn — durable checkpoints, resume and restart-from-step for long AI generation pipelines
 
 Commands:
-${[runUsage, resumeUsage, threadsUsage, historyUsage, inspectUsage].map((u) => `  ${u.split("\n")[0]}`).join("\n")}
+${[runUsage, resumeUsage, threadsUsage, historyUsage, inspectUsage, artifactsUsage].map((u) => `  ${u.split("\n")[0]}`).join("\n")}
 
 Every command takes --store <uri> (file:<dir>, sqlite:<path>, postgres://…; default $CAIRN_STORE or file:.cairn),
 --json, --verbose (stack traces) and --help.`;
@@ -51,5 +54,10 @@ export async function main(argv: string[], io: Io = defaultIo()): Promise<number
 }
 
 function defaultIo(): Io {
-  return { out: (t) => process.stdout.write(`${t}\n`), err: (t) => process.stderr.write(`${t}\n`) };
+  const io: Io = { out: (t) => process.stdout.write(`${t}\n`), err: (t) => process.stderr.write(`${t}\n`) };
+  if (process.stderr.isTTY && !process.env.CI) {
+    const live = createLogUpdate(process.stderr);
+    io.live = { update: (text) => live(text), clear: () => live.clear() };
+  }
+  return io;
 }

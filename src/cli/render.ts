@@ -1,9 +1,22 @@
-import type { RunEvent } from "../index.ts";
-
+import { isArtifactRef, type ArtifactRef } from "../store/artifacts.ts";
 /** Where a command writes: results to `out`, progress and diagnostics to `err` (stdout stays clean for --json). */
 export interface Io {
   out: (text: string) => void;
   err: (text: string) => void;
+  /** A block of `err` redrawn in place, when `err` is a terminal. */
+  live?: { update(text: string): void; clear(): void };
+}
+
+/** An artifact reference as a person reads it: name, type, size, short hash. */
+export function describeArtifact(ref: ArtifactRef): string {
+  return `artifact ${ref.name ?? "(unnamed)"} (${ref.mediaType}, ${formatBytes(ref.size)}, sha256:${ref.sha256.slice(0, 12)})`;
+}
+
+export function formatBytes(n: number): string {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KB`;
+  if (n < 1024 ** 3) return `${(n / 1024 / 1024).toFixed(1)} MB`;
+  return `${(n / 1024 ** 3).toFixed(2)} GB`;
 }
 
 export function formatDuration(ms: number | undefined): string {
@@ -21,7 +34,8 @@ export function plural(n: number, word: string): string {
 /** A short, one-line view of a value for terminal output. */
 export function preview(value: unknown, width = 100): string {
   let text: string;
-  if (typeof value === "string") text = JSON.stringify(value);
+  if (isArtifactRef(value)) text = describeArtifact(value);
+  else if (typeof value === "string") text = JSON.stringify(value);
   else if (Array.isArray(value)) text = `[${value.length} item${value.length === 1 ? "" : "s"}]${value.length ? ` ${preview(value[0], 60)}${value.length > 1 ? ", …" : ""}` : ""}`;
   else if (value instanceof Uint8Array) text = `<${value.length} bytes>`;
   else text = JSON.stringify(value) ?? String(value);
@@ -40,31 +54,6 @@ export function renderState(io: Io, values: Record<string, unknown>): void {
 export function table(rows: string[][]): string[] {
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? "").length)));
   return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join("  ").trimEnd());
-}
-
-/** Turns run events into one line per finished step (and the steps' own log lines). */
-export function stepReporter(io: Io, verbose: boolean): { onEvent: (e: RunEvent) => void; stepsDone: () => number } {
-  let done = 0;
-  const onEvent = (e: RunEvent) => {
-    if (e.type === "checkpoint") {
-      if (e.step === "input" || e.step === "start" || e.step === "fork" || e.tasks === 0 && !e.step.startsWith("restart:")) return;
-      if (e.step.startsWith("restart:")) {
-        io.err(`↺ restarting from ${e.step.slice("restart:".length)}`);
-        return;
-      }
-      if (e.internal) return;
-      done += 1;
-      const items = e.tasks > 1 ? `  ${e.tasks} tasks` : "";
-      io.err(`✓ ${e.step.padEnd(24)} ${formatDuration(e.durationMs).padStart(8)}${items}`);
-    } else if (e.type === "log") {
-      io.err(`  · ${e.step}${e.item !== undefined ? `[${e.item}]` : ""}: ${e.message}`);
-    } else if (e.type === "task:error") {
-      io.err(`✗ ${e.step}${e.item !== undefined ? `[${e.item}]` : ""} failed after ${formatDuration(e.durationMs)}: ${e.error.message}`);
-    } else if (verbose && e.type === "task:end" && e.item !== undefined) {
-      io.err(`  · ${e.step}[${e.item}] done in ${formatDuration(e.durationMs)}`);
-    }
-  };
-  return { onEvent, stepsDone: () => done };
 }
 
 /** The end of a run or resume: the final state, as JSON on stdout with --json or field by field. */

@@ -1,32 +1,26 @@
-import { isCairnError, loadGraph, run } from "../index.ts";
-import { COMMON_OPTIONS, onePositional, parse, readInput } from "./args.ts";
-import { formatDuration, plural, renderFinalState, stepReporter, type Io } from "./render.ts";
-import { explainStepFailure } from "./failure.ts";
+import { loadGraph, run } from "../index.ts";
+import { budgetOption, COMMON_OPTIONS, onePositional, parse, readInput, RUN_OPTIONS } from "./args.ts";
+import type { Io } from "./render.ts";
+import { session } from "./session.ts";
 
-export const usage = `cairn run <graph.ts> [--input '<json>' | --input @file.json] [--thread <id>] [--store <uri>] [--json] [--verbose]
+export const usage = `cairn run <graph.ts> [--input '<json>' | --input @file.(json|yaml)] [--thread <id>] [--budget-usd <n>] [--store <uri>] [--json] [--verbose]
 
 Start a new thread of a graph and run it, checkpointing after every step.
-  --input     the input as JSON, or @path to a JSON file (default: the workflow's built-in input)
-  --thread    the thread id (default: a new random id, printed)
-  --store     file:<dir> | sqlite:<path> | postgres://user@host:port/db (default: $CAIRN_STORE or file:.cairn)
-  --json      print the final state as JSON on stdout (step lines go to stderr)`;
+  --input       the input as JSON, or @path to a JSON or YAML file (default: the workflow's built-in input)
+  --thread      the thread id (default: a new random id, printed)
+  --budget-usd  stop cleanly at a step boundary once the thread has spent this many dollars (exit 3)
+  --store       file:<dir> | sqlite:<path> | postgres://user@host:port/db (default: $CAIRN_STORE or file:.cairn)
+  --json        print the final state as JSON on stdout (progress goes to stderr)
+Ctrl+C stops at the next step boundary keeping finished work (exit 130); a second Ctrl+C exits at once.`;
 
 export async function runCommand(argv: string[], io: Io): Promise<number> {
-  const { values, positionals } = parse("run", argv, { ...COMMON_OPTIONS, input: { type: "string" }, thread: { type: "string" } });
+  const { values, positionals } = parse("run", argv, { ...COMMON_OPTIONS, ...RUN_OPTIONS, input: { type: "string" }, thread: { type: "string" } });
   if (values.help) return io.out(usage), 0;
   const file = onePositional("run", positionals, "a graph file (e.g. graphs/moral-video.ts)");
   const input = await readInput(values.input, process.cwd());
+  const budgetUsd = budgetOption(values["budget-usd"]);
   const target = await loadGraph(file);
-  const reporter = stepReporter(io, values.verbose);
-  const started = Date.now();
-  const thread = values.thread;
-  try {
-    const result = await run(target, { input, thread, store: values.store, onEvent: reporter.onEvent, onStart: (t) => io.err(`thread ${t.thread} · store ${t.store}`) });
-    io.err(`completed thread ${result.thread}: ${plural(reporter.stepsDone(), "step")} in ${formatDuration(Date.now() - started)}`);
-    renderFinalState(io, result.state as Record<string, unknown>, values.json);
-    return 0;
-  } catch (error) {
-    if (isCairnError(error, "STEP_FAILED")) return explainStepFailure(io, error, file, values.store, values.verbose);
-    throw error;
-  }
+  return session(io, { file, store: values.store, verbose: values.verbose, json: values.json, budgetUsd, verb: "run" }, (hooks) =>
+    run(target, { input, thread: values.thread, store: values.store, budgetUsd, ...hooks, onStart: (t) => io.err(`thread ${t.thread} · store ${t.store}`) }),
+  );
 }

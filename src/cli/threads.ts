@@ -1,11 +1,14 @@
 import { listThreads, openStore } from "../index.ts";
 import { COMMON_OPTIONS, parse } from "./args.ts";
+import { formatUsd } from "../workflow/instrument.ts";
+import { formatTokens } from "./progress.ts";
 import { table, type Io } from "./render.ts";
 import { CairnError } from "../index.ts";
 
 export const usage = `cairn threads [--store <uri>] [--json]
 
-List the threads of a store: id, status (completed / failed / interrupted / running), last step, checkpoints, last update.`;
+List the threads of a store: id, status (completed / failed / interrupted / running), last step, checkpoints,
+money and tokens spent on model calls, last update.`;
 
 export async function threadsCommand(argv: string[], io: Io): Promise<number> {
   const { values, positionals } = parse("threads", argv, COMMON_OPTIONS);
@@ -22,8 +25,10 @@ export async function threadsCommand(argv: string[], io: Io): Promise<number> {
       io.out(`No threads in ${store.uri}. Start one with: cairn run <graph.ts>`);
       return 0;
     }
-    const rows = [["THREAD", "STATUS", "LAST STEP", "CHECKPOINTS", "UPDATED"]];
-    for (const t of threads) rows.push([t.thread, t.status, t.lastStep, String(t.checkpoints), t.updated]);
+    const rows = [["THREAD", "STATUS", "LAST STEP", "CHECKPOINTS", "SPENT", "TOKENS", "UPDATED"]];
+    for (const t of threads) {
+      rows.push([t.thread, t.status, t.lastStep, String(t.checkpoints), formatUsd(t.spent.usd), formatTokens(t.spent.inputTokens + t.spent.outputTokens), t.updated]);
+    }
     for (const line of table(rows)) io.out(line);
     return 0;
   } finally {

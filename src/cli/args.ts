@@ -21,8 +21,8 @@ export const RUN_OPTIONS = {
 export function budgetOption(raw: string | undefined): number | undefined {
   if (raw === undefined) return undefined;
   const value = Number(raw.replace(/^\$/, ""));
-  if (raw.trim() === "" || !Number.isFinite(value) || value < 0) {
-    throw new CairnError("INVALID_ARGUMENT", `--budget-usd ${JSON.stringify(raw)} is not an amount of dollars. Pass a number ≥ 0, e.g. --budget-usd 2.50`);
+  if (raw.trim() === "" || !Number.isFinite(value) || value <= 0) {
+    throw new CairnError("INVALID_ARGUMENT", `--budget-usd ${JSON.stringify(raw)} is not an amount of dollars. Pass a number above 0, e.g. --budget-usd 2.50`);
   }
   return value;
 }

@@ -77,7 +77,8 @@ export class ProgressReporter {
         this.line(`  · ${e.step}${e.item !== undefined ? `[${e.item}]` : ""}: ${e.message}`);
         break;
       case "stopping":
-        this.line(`■ ${e.message}`);
+        // A signal's stop is announced by the command itself, as the signal arrives.
+        if (e.reason !== "signal") this.line(`■ ${e.message}`);
         break;
       case "checkpoint":
         this.checkpoint(e);
@@ -147,7 +148,7 @@ export class ProgressReporter {
     if (fraction > (this.lastPlainFraction.get(step) ?? 0) || elapsed > 15_000) {
       this.lastPlainFraction.set(step, fraction);
       this.lastPlain = this.now();
-      if (f.done < f.total) this.io.err(`  · ${step}: ${f.done}/${f.total} items${f.failed ? `, ${f.failed} failed` : ""}${this.spent.calls ? ` · ${formatUsd(this.spent.usd)} so far` : ""}`);
+      if (f.done < f.total) this.io.err(`  · ${step}: ${f.done}/${f.total} items${f.failed ? `, ${f.failed} failed` : ""}${this.spent.calls ? ` · ${formatUsd(this.spent.usd)} this run` : ""}`);
     }
   }
 

@@ -334,7 +334,9 @@ async function execute(
     }
     return result;
   } catch (error) {
-    await prepared.saver.flush();
+    // Items held for a batch are written before the run reports how it ended; if that fails too, the
+    // first error is the one to report.
+    await prepared.saver.flush().catch(() => {});
     // A stop (drain, budget) ends the superstep with no failed task: the run stopped, it did not fail.
     if (isGraphDrained(error) && runtime.failedTasks.length === 0) {
       const snapshot = await prepared.graph.getState(config);
@@ -419,8 +421,8 @@ function prepare(target: RunTarget, store: OpenedStore, thread: string, options:
     if (options.signal.aborted) controller.abort(options.signal.reason);
     else options.signal.addEventListener("abort", () => controller.abort(options.signal!.reason), { once: true });
   }
-  if (options.budgetUsd !== undefined && !(typeof options.budgetUsd === "number" && Number.isFinite(options.budgetUsd) && options.budgetUsd >= 0)) {
-    throw new CairnError("INVALID_ARGUMENT", `Budget ${String(options.budgetUsd)} is not an amount of dollars; pass a number ≥ 0 (e.g. --budget-usd 2.50).`, { thread });
+  if (options.budgetUsd !== undefined && !(typeof options.budgetUsd === "number" && Number.isFinite(options.budgetUsd) && options.budgetUsd > 0)) {
+    throw new CairnError("INVALID_ARGUMENT", `Budget ${String(options.budgetUsd)} is not an amount of dollars; pass a number above 0 (e.g. --budget-usd 2.50).`, { thread });
   }
   return prepareRun(target, store.saver, thread, controller.signal, options.onEvent ?? (() => {}), (runtime) => {
     runtime.artifacts = store.artifacts;

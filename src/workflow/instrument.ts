@@ -170,7 +170,7 @@ export class RunRuntime {
   /** Writes out every batched task write; set by the run's saver. */
   flushWrites: () => Promise<void> = async () => {};
   private readonly limiters = new Map<string, LimitFunction>();
-  /** Aborted when a stop is requested: cuts short a retry's wait. */
+  /** Aborted when a stop is requested: cuts short a wait between retries. */
   private readonly stopping = new AbortController();
   /** Started tasks whose writes are not yet saved. */
   private unsettled = new Set<string>();
@@ -268,18 +268,40 @@ export class RunRuntime {
     const maxAttempts = policy.maxAttempts ?? 3;
     if (maxAttempts <= 1) return call(1);
     const retryOn = policy.retryOn ?? isTransientError;
+    const initial = policy.initialDelayMs ?? 1000;
+    const factor = policy.factor ?? 2;
+    const max = policy.maxDelayMs ?? 30_000;
+    // p-retry drives the attempts; the wait between them is ours, so a stop can cut it short without
+    // abandoning an attempt that is still running (its result is paid for and must be saved).
     return pRetry(call, {
       retries: maxAttempts - 1,
-      factor: policy.factor ?? 2,
-      minTimeout: policy.initialDelayMs ?? 1000,
-      maxTimeout: policy.maxDelayMs ?? 30_000,
-      randomize: true,
-      signal: this.stopping.signal,
-      shouldRetry: ({ error, attemptNumber }) => {
-        if (this.stopReason !== undefined || !retryOn(error)) return false;
+      minTimeout: 0,
+      maxTimeout: 0,
+      onFailedAttempt: async ({ error, attemptNumber, retriesLeft }) => {
+        if (retriesLeft === 0 || this.stopReason !== undefined || !retryOn(error)) return;
         this.emit({ type: "task:retry", thread: this.thread, node, step, item, failedAttempt: first + attemptNumber - 1, error });
+        const wait = Math.min(max, initial * factor ** (attemptNumber - 1)) * (1 + Math.random());
+        await this.pause(wait);
+      },
+      shouldRetry: ({ error }) => {
+        if (!retryOn(error)) return false;
+        // Stopping: the item did not finish, so it is left for the resume rather than failed.
+        if (this.stopReason !== undefined) throw new GraphDrained(this.stopReason);
         return true;
       },
+    });
+  }
+
+  /** Wait `ms`, or less if a stop is requested meanwhile. */
+  private pause(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.stopping.signal.removeEventListener("abort", done);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this.stopping.signal.addEventListener("abort", done, { once: true });
     });
   }
 
@@ -297,7 +319,7 @@ export class RunRuntime {
     if (this.stopReason !== undefined) return;
     this.stopReason = reason;
     this.control.requestDrain(reason);
-    this.stopping.abort(new GraphDrained(reason));
+    this.stopping.abort(reason);
     const spent = this.spent();
     const text =
       message ??

@@ -181,7 +181,7 @@ export function spentAt(tuple: CheckpointTuple): Usage {
 export interface SavedWork {
   /** Steps finished on the thread's current branch, in the order they first finished. */
   steps: string[];
-  /** For fan-out steps that have not finished: the indexes of the items whose results are saved. */
+  /** For fan-out steps that are due (not gathered yet): the indexes of the items whose results are saved. */
   items: Record<string, number[]>;
 }
 
@@ -211,6 +211,8 @@ export async function savedWork(saver: BaseCheckpointSaver, thread: string): Pro
     else if (channel.startsWith(MAP_PREFIX)) addItems(channel, value);
   }
   const out: Record<string, number[]> = {};
-  for (const [step, set] of Object.entries(items)) if (!steps.includes(step)) out[step] = [...set].sort((a, b) => a - b);
+  // A fan-out's channel is emptied when its items are gathered, so parts still there belong to the pass
+  // now due, even when the step finished before (a fan-out inside a loop).
+  for (const [step, set] of Object.entries(items)) out[step] = [...set].sort((a, b) => a - b);
   return { steps, items: out };
 }

@@ -3,7 +3,7 @@ import { isGraphDrained, Overwrite, START } from "@langchain/langgraph";
 import type { BaseCheckpointSaver, CheckpointTuple } from "@langchain/langgraph-checkpoint";
 import { customAlphabet } from "nanoid";
 import { CairnError } from "../errors.ts";
-import { checkCheckpointId, checkpointNotFound, currentBranch, latestTuple, readHistory } from "../inspect/history.ts";
+import { checkCheckpointId, checkpointNotFound, currentBranch, latestTuple, readHistory, spentAt } from "../inspect/history.ts";
 import { openStore, type OpenedStore } from "../store/open.ts";
 import { errorWrites, visibleState } from "../store/steps.ts";
 import { DONE_CHANNEL, isWorkflow, undoChannel, unknownStep, type UndoRecord, type Workflow } from "../workflow/builder.ts";
@@ -242,8 +242,11 @@ const newThreadId = customAlphabet("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH
 /** Steps already finished on the thread's current branch: the work a resume does not redo. */
 async function finishedSteps(prepared: PreparedRun, store: OpenedStore, thread: string): Promise<string[]> {
   if (prepared.workflow) {
+    const wf = prepared.workflow;
     const snapshot = await prepared.graph.getState({ configurable: { thread_id: thread } });
-    return [...(((snapshot.values as Record<string, unknown>)[DONE_CHANNEL] as string[] | undefined) ?? [])];
+    // A step due again (a loop back to it) is not finished, whatever it did before.
+    const due = new Set(snapshot.next.map((n) => wf.stepOfNode(n)));
+    return (((snapshot.values as Record<string, unknown>)[DONE_CHANNEL] as string[] | undefined) ?? []).filter((s) => !due.has(s));
   }
   const branch = currentBranch(await readHistory(store.saver, thread));
   return [...new Set(branch.flatMap((e) => e.steps).filter((step) => prepared.steps.includes(step)))];
@@ -294,6 +297,7 @@ async function execute(
     await announceSavedItems(prepared, thread);
   }
   runtime.startFrom(reused);
+  runtime.resumed = input === null;
   runtime.emit({ type: "run:start", thread, workflow: prepared.name, steps: prepared.steps, skipped, spentBefore: reused });
   const finish = async (status: RunResult["status"], values: Record<string, unknown>): Promise<RunResult<any>> => {
     const latest = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
@@ -410,7 +414,10 @@ async function stepFailed(prepared: PreparedRun, store: OpenedStore, thread: str
     itemsSaved = new Set((latest.pendingWrites ?? []).filter(([, ch]) => ch !== "__error__").map(([task]) => task)).size;
   }
   const step = failed?.step ?? "unknown";
-  return new CairnError("STEP_FAILED", `Step "${step}" failed: ${message}`, { thread, step, stepsSaved, itemsSaved, itemsFailed, store: store.uri }, { cause });
+  const { runtime } = prepared;
+  // What this run spent, and the part that went to attempts that failed (no checkpoint records it).
+  const usage = { run: runtime.runUsage, failed: runtime.lostUsage, thread: latest ? spentAt(latest) : runtime.runUsage };
+  return new CairnError("STEP_FAILED", `Step "${step}" failed: ${message}`, { thread, step, stepsSaved, itemsSaved, itemsFailed, store: store.uri, usage }, { cause });
 }
 
 function prepare(target: RunTarget, store: OpenedStore, thread: string, options: RunCommonOptions): PreparedRun {

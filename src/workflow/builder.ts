@@ -32,6 +32,8 @@ export interface StepContext {
   readonly log: StepLogger;
   /** 1 on a step's first try; 2 or more when an earlier try of it (or of this item) failed, in this run or before. */
   readonly attempt: number;
+  /** True when this run resumes an existing thread (after a crash, a failure, a stop, or from a step). */
+  readonly resumed: boolean;
   /**
    * Report how far a long step is (`done` of `total` units, with an optional note). The CLI shows it as a
    * bar; programs see `progress` events.
@@ -280,10 +282,10 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
   }
 
   /** Run one step on a state without a graph or a store: for trying a change before rerunning. */
-  async runStepAlone(step: Names, state: z.infer<Schema>, ctx: Omit<StepContext, "step" | "attempt">): Promise<Partial<z.infer<Schema>>> {
+  async runStepAlone(step: Names, state: z.infer<Schema>, ctx: Omit<StepContext, "step" | "attempt" | "resumed">): Promise<Partial<z.infer<Schema>>> {
     const def = this.defs.find((d) => d.name === step);
     if (!def) throw unknownStep(this.name, step, this.steps);
-    const stepCtx = { ...ctx, step, attempt: 1 };
+    const stepCtx = { ...ctx, step, attempt: 1, resumed: false };
     if (def.kind === "step") return this.checkUpdate(step, await def.fn!(state, stepCtx));
     const items = def.map!.over(state);
     const results = await Promise.all(items.map((item, index) => def.map!.run(item, { ...stepCtx, index })));
@@ -328,6 +330,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
         signal: runtime.signal,
         log: (message) => runtime.emit({ type: "log", thread: runtime.thread, step, item, message }),
         attempt,
+        resumed: runtime.resumed,
         progress: (done, total, message) => runtime.emit({ type: "progress", thread: runtime.thread, step, item, done, total, message }),
         usage: (report) => runtime.recordUsage(taskId, usageFrom(report, runtime.pricing, where), step, item),
         artifacts: runtime.artifactsFor(where),
@@ -354,35 +357,36 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
 
     for (const def of this.defs) {
       if (def.kind === "step") {
-        graph.addNode(def.name, async (state: Record<string, unknown>, config: RunnableConfig) =>
-          runtime.task(
+        graph.addNode(def.name, async (state: Record<string, unknown>, config: RunnableConfig) => {
+          // Before any wait for a slot: LangGraph has already added this task's listener to the shared signal.
+          markSharedSignal(config);
+          return runtime.task(
             def.name,
             undefined,
             taskIdOf(config),
             async (attempt) => {
-              markSharedSignal(config);
               const update = this.checkUpdate(def.name, await def.fn!(userView(state), ctxFor(def.name, config, attempt)));
               return { ...update, ...bookkeeping(def.name, state, Object.keys(update)), ...spent(config) };
             },
             policyOf(def),
-          ),
-        );
+          );
+        });
       } else {
         const map = def.map!;
-        graph.addNode(def.name, async (arg: { __cairn_item: unknown; __cairn_index: number }, config: RunnableConfig) =>
-          runtime.task(
+        graph.addNode(def.name, async (arg: { __cairn_item: unknown; __cairn_index: number }, config: RunnableConfig) => {
+          markSharedSignal(config);
+          return runtime.task(
             def.name,
             arg.__cairn_index,
             taskIdOf(config),
             async (attempt) => {
-              markSharedSignal(config);
               const ctx: ItemContext = { ...ctxFor(def.name, config, attempt, arg.__cairn_index), index: arg.__cairn_index };
               const result = await map.run(arg.__cairn_item, ctx);
               return { [mapChannel(def.name)]: [{ i: arg.__cairn_index, r: result }], ...spent(config) };
             },
             policyOf(def),
-          ),
-        );
+          );
+        });
         graph.addNode(gatherNode(def.name), async (state: Record<string, unknown>, config: RunnableConfig) =>
           runtime.task(gatherNode(def.name), undefined, taskIdOf(config), async () => {
             const parts = ((state[mapChannel(def.name)] as { i: number; r: unknown }[] | undefined) ?? []).slice();

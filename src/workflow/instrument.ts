@@ -148,6 +148,8 @@ export class RunRuntime {
   notStarted = 0;
   /** Failures recorded in the thread before this run, by `attemptKey`: earlier attempts of a step or item. */
   previousFailures = new Map<string, number>();
+  /** Whether this run continues an existing thread (a resume) rather than starting one. */
+  resumed = false;
   /** Prices for turning token counts into money. */
   pricing: Pricing | undefined;
   /** Stop at the next step boundary once the thread has spent this much. */
@@ -224,11 +226,12 @@ export class RunRuntime {
       this.emit({ type: "task:end", thread: this.thread, node, step, item, durationMs: endedAt - startedAt, usage });
       return result;
     } catch (error) {
-      if (isGraphDrained(error)) throw this.notStarting(id);
-      const endedAt = this.now();
       const usage = this.taskUsage.get(id) ?? NO_USAGE;
       this.taskUsage.delete(id);
+      // Spent by attempts that did not finish: no checkpoint will ever record it.
       this.lostUsage = addUsage(this.lostUsage, usage);
+      if (isGraphDrained(error)) throw this.notStarting(id);
+      const endedAt = this.now();
       const record = { node, step, startedAt, endedAt, ok: false, usage };
       this.finished.push(record);
       this.failedTasks.push(record);

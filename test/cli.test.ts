@@ -148,6 +148,7 @@ describe("a failed step, then resume", () => {
       "✗ story_generator failed after <duration>: simulated rate limit (429) in story_generator — failOnceAt is set; it succeeds on the next attempt
       ✗ Step "story_generator" failed: simulated rate limit (429) in story_generator — failOnceAt is set; it succeeds on the next attempt
         2 finished steps are saved in thread <thread> (store file:<tmp>/store); they will not run again.
+        This run spent $0.0016; the thread has spent $0.0016 in all.
         Continue with: cairn resume graphs/moral-video.ts --thread <thread> --store file:<tmp>/store"
     `);
 
@@ -213,7 +214,7 @@ describe("reading a thread", () => {
     const table = await cairn(cwd, ["history", DONE, "--store", store]);
     expect(table.code, table.stderr).toBe(0);
     for (const step of STEPS) expect(table.stdout).toMatch(new RegExp(`^\\d+\\s+[0-9a-f-]{36}\\s+${step}\\s`, "m"));
-    expect(table.stdout).toMatch(/^status: completed$/m);
+    expect(table.stdout).toMatch(/^status: completed · spent \$0\.0071 \(492 in \+ 376 out tokens, 10 model calls\)$/m);
 
     const entries = await history(cwd, DONE);
     expect(entries.map((e) => e.step)).toEqual(["input", "start", ...STEPS.slice(0, 5), "character_designer", "video_assembler"]);

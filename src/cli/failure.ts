@@ -21,7 +21,7 @@ export function explainStepFailure(io: Io, error: CairnError, file: string, stor
   io.err(`  ${plural(d.stepsSaved, "finished step")} ${d.stepsSaved === 1 ? "is" : "are"} saved in thread ${d.thread} (store ${d.store}); they will not run again.`);
   if (d.usage && !isEmptyUsage(d.usage.run)) {
     const lost = isEmptyUsage(d.usage.failed) ? "" : `, ${formatUsd(d.usage.failed.usd)} of it on attempts that failed`;
-    io.err(`  This run spent ${formatUsd(d.usage.run.usd)}${lost}; the thread's saved work cost ${formatUsd(d.usage.thread.usd)}.`);
+    io.err(`  This run spent ${formatUsd(d.usage.run.usd)}${lost}; the thread has spent ${formatUsd(d.usage.thread.usd)} in all.`);
   }
   io.err(`  Continue with: cairn resume ${shellArg(file)} ${flag("thread", d.thread)}${store ? ` ${flag("store", store)}` : ""}`);
   if (verbose && error.cause instanceof Error && error.cause.stack) io.err(error.cause.stack);

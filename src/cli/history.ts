@@ -1,6 +1,6 @@
 import { latestTuple, openStore, readHistory, statusOf } from "../index.ts";
 import { COMMON_OPTIONS, onePositional, parse } from "./args.ts";
-import { spentAt } from "../inspect/history.ts";
+import { spentInAll } from "../inspect/history.ts";
 import { formatUsd } from "../workflow/instrument.ts";
 import { isEmptyUsage } from "../workflow/usage.ts";
 import { describeUsage, formatTokens } from "./progress.ts";
@@ -31,8 +31,8 @@ export async function historyCommand(argv: string[], io: Io): Promise<number> {
     });
     for (const line of table(rows)) io.out(line);
     const { status, next } = statusOf(tuple);
-    const spent = spentAt(tuple);
-    io.out(`status: ${status}${next.length ? ` · next: ${next.join(", ")}` : ""} · spent ${describeUsage(spent)}`);
+    const spent = await spentInAll(store.saver, thread);
+    io.out(`status: ${status}${next.length ? ` · next: ${next.join(", ")}` : ""}${isEmptyUsage(spent) ? "" : ` · spent ${describeUsage(spent)}`}`);
     return 0;
   } finally {
     await store.close();

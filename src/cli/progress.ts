@@ -37,6 +37,7 @@ export class ProgressReporter {
         if (this.io.live) this.timer = setInterval(() => this.draw(), 200).unref();
         break;
       case "fanout":
+        this.lastPlainFraction.delete(e.step);
         this.fanouts.set(e.step, { total: e.total, done: e.done, failed: 0, startedAt: this.now(), doneAtStart: e.done, usage: NO_USAGE });
         if (e.done > 0) this.line(`  · ${e.step}: ${e.done} of ${e.total} items already saved; running the other ${e.total - e.done}`);
         break;

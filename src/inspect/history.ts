@@ -35,7 +35,7 @@ export interface ThreadSummary {
   error?: string;
   /** Steps still due on an unfinished thread. */
   next: string[];
-  /** What the thread has spent on model calls, including finished items of an unfinished step. */
+  /** What the thread has spent on model calls, on every branch, including finished items of an unfinished step. */
   spent: Usage;
 }
 
@@ -152,7 +152,11 @@ export async function summarizeThread(saver: BaseCheckpointSaver, thread: string
   const tuple = await saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
   if (!tuple) return undefined;
   let checkpoints = 0;
-  for await (const _ of saver.list({ configurable: { thread_id: thread, checkpoint_ns: "" } })) checkpoints += 1;
+  let spent = pendingUsage(tuple);
+  for await (const t of saver.list({ configurable: { thread_id: thread, checkpoint_ns: "" } })) {
+    checkpoints += 1;
+    spent = addUsage(spent, cairnMeta(t).usage);
+  }
   const { status, next, error } = statusOf(tuple);
   const history = cairnMeta(tuple).step;
   return {
@@ -163,18 +167,34 @@ export async function summarizeThread(saver: BaseCheckpointSaver, thread: string
     updated: tuple.checkpoint.ts,
     error,
     next,
-    spent: spentAt(tuple),
+    spent,
   };
 }
 
 /**
- * What a thread has spent as of a checkpoint: the total it records, plus what its saved but not yet
- * folded task writes spent (the finished items of a fan-out that then failed or was stopped).
+ * What a thread has spent on every branch: each checkpoint records what its step spent, so their sum
+ * counts a step rerun by `--from-step` as often as it ran; plus the saved items of an unfinished step.
  */
-export function spentAt(tuple: CheckpointTuple): Usage {
-  let total = addUsage(NO_USAGE, cairnMeta(tuple).total);
+export async function spentInAll(saver: BaseCheckpointSaver, thread: string): Promise<Usage> {
+  const latest = await saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
+  if (!latest) return NO_USAGE;
+  let spent = pendingUsage(latest);
+  for await (const t of saver.list({ configurable: { thread_id: thread, checkpoint_ns: "" } })) spent = addUsage(spent, cairnMeta(t).usage);
+  return spent;
+}
+
+function pendingUsage(tuple: CheckpointTuple): Usage {
+  let total = NO_USAGE;
   for (const [, channel, value] of tuple.pendingWrites ?? []) if (channel === USAGE_CHANNEL) total = addUsage(total, value as Usage);
   return total;
+}
+
+/**
+ * What the branch leading to a checkpoint has spent: the total it records, plus what its saved but not
+ * yet folded task writes spent (the finished items of a fan-out that then failed or was stopped).
+ */
+export function spentAt(tuple: CheckpointTuple): Usage {
+  return addUsage(cairnMeta(tuple).total, pendingUsage(tuple));
 }
 
 /** The work a resume of a thread will not redo. */

@@ -120,8 +120,8 @@ export class RecordingSaver extends BaseCheckpointSaver {
     if (tasks.length === 0) this.nextLabel = undefined;
     const durationMs = tasks.length ? Math.max(...tasks.map((t) => t.endedAt)) - Math.min(...tasks.map((t) => t.startedAt)) : 0;
     const total = await this.totalAt(config, checkpoint, tasks.reduce((sum, t) => addUsage(sum, t.usage), NO_USAGE));
-    const previous = await this.previousTotal(config);
-    const usage = subtractUsage(total, previous);
+    // A checkpoint no task produced (a restart, a fork) spent nothing, whatever its parent's total.
+    const usage = tasks.length === 0 ? NO_USAGE : subtractUsage(total, await this.previousTotal(config));
     const cairn: CairnMetadata = {
       step,
       steps,
@@ -147,7 +147,7 @@ export class RecordingSaver extends BaseCheckpointSaver {
       usage,
       total,
     });
-    this.runtime.checkpointed(total);
+    this.runtime.checkpointed();
     return saved;
   }
 

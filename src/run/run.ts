@@ -2,8 +2,8 @@ import { setMaxListeners } from "node:events";
 import { isGraphDrained, Overwrite, START } from "@langchain/langgraph";
 import type { BaseCheckpointSaver, CheckpointTuple } from "@langchain/langgraph-checkpoint";
 import { customAlphabet } from "nanoid";
-import { CairnError } from "../errors.ts";
-import { checkCheckpointId, checkpointNotFound, currentBranch, latestTuple, readHistory, spentAt } from "../inspect/history.ts";
+import { CairnError, isCairnError } from "../errors.ts";
+import { checkCheckpointId, checkpointNotFound, currentBranch, latestTuple, readHistory, spentInAll } from "../inspect/history.ts";
 import { openStore, type OpenedStore } from "../store/open.ts";
 import { errorWrites, visibleState } from "../store/steps.ts";
 import { DONE_CHANNEL, isWorkflow, undoChannel, unknownStep, type UndoRecord, type Workflow } from "../workflow/builder.ts";
@@ -159,13 +159,14 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
       const snapshot = await prepared.graph.getState(config);
       if (snapshot.next.length === 0 && (latest.pendingWrites ?? []).length === 0 && latest.metadata?.source !== "input") {
         const total = usageInState(snapshot.values as Record<string, unknown>, latest);
+        const spent = await spentInAll(store.saver, thread);
         return {
           thread,
           status: "already-completed",
           state: visibleState(snapshot.values) as StateOf<T>,
           tasksRun: 0,
           store: store.uri,
-          usage: { run: NO_USAGE, thread: total, reused: total, failed: NO_USAGE },
+          usage: { run: NO_USAGE, thread: spent, reused: total, failed: NO_USAGE },
         };
       }
     }
@@ -296,13 +297,11 @@ async function execute(
     reused = await spentSoFar(store, thread);
     await announceSavedItems(prepared, thread);
   }
-  runtime.startFrom(reused);
+  runtime.startFrom(input === null ? await spentInAll(store.saver, thread) : NO_USAGE);
   runtime.resumed = input === null;
   runtime.emit({ type: "run:start", thread, workflow: prepared.name, steps: prepared.steps, skipped, spentBefore: reused });
   const finish = async (status: RunResult["status"], values: Record<string, unknown>): Promise<RunResult<any>> => {
-    const latest = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
-    const total = usageInState(values, latest);
-    const usage = { run: runtime.runUsage, thread: total, reused, failed: runtime.lostUsage };
+    const usage = { run: runtime.runUsage, thread: await spentInAll(store.saver, thread), reused, failed: runtime.lostUsage };
     const result: RunResult<any> = { thread, status, state: visibleState(values), tasksRun: runtime.taskCount, store: store.uri, usage };
     if (status === "stopped") {
       const snapshot = await prepared.graph.getState(config);
@@ -311,9 +310,9 @@ async function execute(
     }
     return result;
   };
-  if (options.budgetUsd !== undefined && reused.usd >= options.budgetUsd) {
+  if (runtime.overBudget()) {
     // Nothing may start past the budget; say so before running anything.
-    runtime.requestStop("budget", `budget of ${formatUsd(options.budgetUsd)} already reached (thread has spent ${formatUsd(reused.usd)}): nothing run`);
+    runtime.requestStop("budget", `budget of ${formatUsd(options.budgetUsd!)} already reached (thread has spent ${formatUsd(runtime.spent().usd)}): nothing run`);
     const snapshot = await prepared.graph.getState(config);
     return finish("stopped", snapshot.values as Record<string, unknown>);
   }
@@ -346,9 +345,11 @@ async function execute(
       const snapshot = await prepared.graph.getState(config);
       return finish("stopped", snapshot.values as Record<string, unknown>);
     }
-    // Only a task's failure is a step failure; store and setup errors keep their own message.
-    if (runtime.failedTasks.length === 0) throw error;
-    throw await stepFailed(prepared, store, thread, error);
+    // Only a task's failure, or the workflow's routing code failing between steps, is a step failure;
+    // store and setup errors keep their own message.
+    const routing = routingFailure(error);
+    if (runtime.failedTasks.length === 0 && !routing) throw error;
+    throw await stepFailed(prepared, store, thread, routing ?? error, routing?.details.step);
   } finally {
     options.drain?.removeEventListener("abort", onDrain);
   }
@@ -399,8 +400,14 @@ async function recordPreviousFailures(prepared: PreparedRun, thread: string): Pr
   }
 }
 
+/** A workflow's `when`/`over`/route function that threw between steps (see the builder's `userCode`). */
+function routingFailure(error: unknown): CairnError | undefined {
+  const errors = error instanceof AggregateError ? error.errors : [error];
+  return errors.find((e): e is CairnError => isCairnError(e, "STEP_FAILED"));
+}
+
 /** The error for a failed step: which step, why, and what is saved. */
-async function stepFailed(prepared: PreparedRun, store: OpenedStore, thread: string, error: unknown): Promise<CairnError> {
+async function stepFailed(prepared: PreparedRun, store: OpenedStore, thread: string, error: unknown, routingStep?: string): Promise<CairnError> {
   const failed = prepared.runtime.failedTasks[0];
   const cause = error instanceof AggregateError ? (error.errors[0] as unknown) : error;
   const message = cause instanceof Error ? cause.message : String(cause);
@@ -408,15 +415,16 @@ async function stepFailed(prepared: PreparedRun, store: OpenedStore, thread: str
   let stepsSaved = 0;
   let itemsSaved = 0;
   let itemsFailed = 0;
-  if (latest) {
-    stepsSaved = (await finishedSteps(prepared, store, thread)).length;
+  // A routing failure is no task's: there are no items of it to count.
+  if (latest) stepsSaved = (await finishedSteps(prepared, store, thread)).length;
+  if (latest && routingStep === undefined) {
     itemsFailed = errorWrites(latest).length;
     itemsSaved = new Set((latest.pendingWrites ?? []).filter(([, ch]) => ch !== "__error__").map(([task]) => task)).size;
   }
-  const step = failed?.step ?? "unknown";
+  const step = routingStep ?? failed?.step ?? "unknown";
   const { runtime } = prepared;
   // What this run spent, and the part that went to attempts that failed (no checkpoint records it).
-  const usage = { run: runtime.runUsage, failed: runtime.lostUsage, thread: latest ? spentAt(latest) : runtime.runUsage };
+  const usage = { run: runtime.runUsage, failed: runtime.lostUsage, thread: await spentInAll(store.saver, thread) };
   return new CairnError("STEP_FAILED", `Step "${step}" failed: ${message}`, { thread, step, stepsSaved, itemsSaved, itemsFailed, store: store.uri, usage }, { cause });
 }
 

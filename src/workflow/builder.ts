@@ -401,20 +401,36 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
       }
     }
 
+    /**
+     * Run a workflow's own routing code (`when`, `over`, a route). It runs between steps, outside any
+     * step's task, so its failure would otherwise surface as a bare stack trace with no step named.
+     */
+    const userCode = <R>(step: string, what: string, fn: () => R): R => {
+      try {
+        return fn();
+      } catch (error) {
+        throw new CairnError(
+          "STEP_FAILED",
+          `its ${what}() function threw: ${error instanceof Error ? error.message : String(error)}`,
+          { thread: runtime.thread, step },
+          { cause: error },
+        );
+      }
+    };
     /** Where to go when entering `target`: its node, its fan-out, or (when skipped) on past it. */
     const enter = (target: string, state: S): string | Send[] => {
       let i = names.indexOf(target);
       while (i !== -1 && i < this.defs.length) {
         const def = this.defs[i]!;
-        if (def.when && !def.when(state)) {
+        if (def.when && !userCode(def.name, "when", () => def.when!(state))) {
           // A skipped step goes on as if it had run and found nothing to do.
           const route = this.routes.get(def.name);
-          if (route) return enter(route(state), state);
+          if (route) return enter(userCode(def.name, "route", () => route(state)), state);
           i += 1;
           continue;
         }
         if (def.kind === "step") return def.name;
-        const items = def.map!.over(state);
+        const items = userCode(def.name, "over", () => def.map!.over(state));
         if (items.length === 0) return gatherNode(def.name);
         runtime.emit({ type: "fanout", thread: runtime.thread, step: def.name, total: items.length, done: 0 });
         return items.map((item, index) => new Send(def.name, { __cairn_item: item, __cairn_index: index }));
@@ -425,7 +441,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
       const s = userView(state);
       const route = this.routes.get(step);
       if (route) {
-        const target = route(s);
+        const target = userCode(step, "route", () => route(s));
         if (target === END_OF_WORKFLOW || target === END) return END;
         if (!names.includes(target)) throw unknownStep(this.name, target, this.steps);
         return enter(target, s);

@@ -160,9 +160,8 @@ export class RunRuntime {
   readonly control = new RunControl();
   /** Set once a stop was requested. */
   stopReason: StopReason | undefined;
-  /** The thread's spend as of the last checkpoint, and what was reported since. */
-  private committed: Usage = NO_USAGE;
-  private sinceCommit: Usage = NO_USAGE;
+  /** What the thread had spent when this run started, on every branch (the budget counts it all). */
+  private spentBefore: Usage = NO_USAGE;
   /** Everything this run spent, and the part spent by tasks that then failed (not in any checkpoint). */
   runUsage: Usage = NO_USAGE;
   lostUsage: Usage = NO_USAGE;
@@ -335,7 +334,6 @@ export class RunRuntime {
   /** Count a model call (or a step's own report) against its task, the run and the budget. */
   recordUsage(taskId: string | undefined, usage: Usage, step?: string, item?: number): void {
     if (taskId !== undefined) this.taskUsage.set(taskId, addUsage(this.taskUsage.get(taskId), usage));
-    this.sinceCommit = addUsage(this.sinceCommit, usage);
     this.runUsage = addUsage(this.runUsage, usage);
     this.emit({ type: "usage", thread: this.thread, step, item, usage, runTotal: this.runUsage });
   }
@@ -354,26 +352,23 @@ export class RunRuntime {
     return (taskId !== undefined && this.taskUsage.get(taskId)) || NO_USAGE;
   }
 
-  /** The thread's spend: as of its last checkpoint plus everything reported since. */
+  /** The thread's spend: before this run, on every branch, plus everything this run has spent. */
   spent(): Usage {
-    return addUsage(this.committed, this.sinceCommit);
+    return addUsage(this.spentBefore, this.runUsage);
   }
 
   overBudget(): boolean {
     return this.budgetUsd !== undefined && this.spent().usd >= this.budgetUsd;
   }
 
-  /** A checkpoint was saved recording `total` spent by the thread: check the budget at this boundary. */
-  checkpointed(total: Usage): void {
-    this.committed = total;
-    this.sinceCommit = NO_USAGE;
+  /** A checkpoint was saved: a step boundary, where the budget is checked. */
+  checkpointed(): void {
     if (this.stopReason === undefined && this.overBudget()) this.requestStop("budget");
   }
 
   /** The thread's spend when the run starts. */
-  startFrom(total: Usage): void {
-    this.committed = total;
-    this.sinceCommit = NO_USAGE;
+  startFrom(spent: Usage): void {
+    this.spentBefore = spent;
   }
 
   /** How many finished items of this task's fan-out are saved together (1: each on its own). */

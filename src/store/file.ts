@@ -108,6 +108,8 @@ interface ThreadIndex {
   writer?: JournalWriter;
   opening?: Promise<void>;
   refreshing?: Promise<void>;
+  /** A scan queued behind the running one, not started yet: later callers wait for it too. */
+  queuedScan?: Promise<void>;
   reader?: FileHandle;
   /** The journal this index describes: its header's id (a deleted and recreated thread is a new one). */
   journalId?: string;
@@ -507,9 +509,18 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     return index.validEnd === 0 ? undefined : index;
   }
 
-  /** Read whatever the journal holds past what the index covers (one scan at a time per thread). */
+  /**
+   * Read whatever the journal holds past what the index covers: one scan at a time per thread, and
+   * callers that ask while a scan waits to start share it (it will see everything they could), so a
+   * burst of reads (a resumed fan-out's items finishing together) costs two scans, not one each.
+   */
   private refresh(index: ThreadIndex): Promise<void> {
-    const next = (index.refreshing ?? Promise.resolve()).then(() => this.scanTail(index));
+    if (index.queuedScan) return index.queuedScan;
+    const next = (index.refreshing ?? Promise.resolve()).then(() => {
+      index.queuedScan = undefined;
+      return this.scanTail(index);
+    });
+    index.queuedScan = next;
     index.refreshing = next.catch(() => {});
     return next;
   }

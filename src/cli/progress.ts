@@ -143,7 +143,8 @@ export class ProgressReporter {
   }
 
   private plainFanout(step: string, f: { total: number; done: number; failed: number }): void {
-    if (this.io.live) return;
+    // A short fan-out is over before a progress line would help; its ✓ line says it all.
+    if (this.io.live || f.total < PLAIN_PROGRESS_MIN_ITEMS) return;
     const fraction = Math.floor((f.done / f.total) * 10);
     const elapsed = this.now() - this.lastPlain;
     if (fraction > (this.lastPlainFraction.get(step) ?? 0) || elapsed > 15_000) {
@@ -175,6 +176,9 @@ export class ProgressReporter {
     this.io.live.update(lines.join("\n"));
   }
 }
+
+/** Fan-outs at least this wide get plain progress lines when there is no terminal. */
+const PLAIN_PROGRESS_MIN_ITEMS = 20;
 
 function bar(fraction: number, width = 20): string {
   const full = Math.max(0, Math.min(width, Math.round(fraction * width)));

@@ -77,10 +77,12 @@ export interface MapOptions<S, Item, K extends ArrayKeys<S>> {
   /** At most this many items run at once (model APIs rate-limit). Default: all at once. */
   concurrency?: number;
   /**
-   * Save finished items in batches of this many instead of one by one: fewer store writes for fan-outs
-   * of thousands of cheap items. The step boundary, a failure and a stop still save everything; a hard
-   * crash (kill -9, power loss) loses at most the last `saveEvery - 1` finished items, or those finished
-   * in the last 2 seconds, and a resume runs them again. Default 1: every item saved as it finishes.
+   * Save finished items in batches of this many instead of one by one. The step boundary, a failure and
+   * a stop still save everything. A hard crash (kill -9, power loss) loses the finished items not yet
+   * written: up to `saveEvery - 1` waiting for their batch (a batch waits at most 2 seconds), plus any
+   * batch whose write was under way; a resume runs them again. Default 1: every item is written as it
+   * finishes. On the file store, items that finish together already share one fdatasync, so batching
+   * gains little there (see bench/RESULTS.md).
    */
   saveEvery?: number;
 }

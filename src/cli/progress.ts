@@ -34,6 +34,7 @@ export class ProgressReporter {
         this.steps = e.steps;
         for (const s of e.skipped) this.done.add(s);
         this.spentBefore = e.spentBefore;
+        this.lastPlain = this.now();
         if (this.io.live) this.timer = setInterval(() => this.draw(), 200).unref();
         break;
       case "fanout":
@@ -187,7 +188,8 @@ function bar(fraction: number, width = 20): string {
 
 function costText(usage: Usage): string {
   if (!usage.calls && !usage.usd) return "";
-  return `  ${formatUsd(usage.usd)} · ${formatTokens(usage.inputTokens + usage.outputTokens)} tokens`;
+  const tokens = usage.inputTokens + usage.outputTokens;
+  return `  ${formatUsd(usage.usd)}${tokens ? ` · ${formatTokens(tokens)} tokens` : ""}`;
 }
 
 export function formatTokens(n: number): string {
@@ -196,5 +198,6 @@ export function formatTokens(n: number): string {
 
 /** One line about money: what was spent, in tokens and calls. */
 export function describeUsage(usage: Usage): string {
-  return `${formatUsd(usage.usd)} (${formatTokens(usage.inputTokens)} in + ${formatTokens(usage.outputTokens)} out tokens, ${plural(usage.calls, "model call")})`;
+  const tokens = usage.inputTokens || usage.outputTokens ? `${formatTokens(usage.inputTokens)} in + ${formatTokens(usage.outputTokens)} out tokens, ` : "";
+  return `${formatUsd(usage.usd)} (${tokens}${plural(usage.calls, "model call")})`;
 }

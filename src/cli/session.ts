@@ -84,7 +84,10 @@ function report(io: Io, options: SessionOptions, result: RunResult, stepsRun: nu
     } else io.err(`  Continue with: ${resumeCommand}`);
   } else {
     io.err(`completed thread ${result.thread}: ${plural(stepsRun, "step")} ${options.verb === "resume" ? "run " : ""}in ${formatDuration(elapsedMs)}`);
-    if (!isEmptyUsage(usage.thread)) io.err(`  spent: ${describeUsage(usage.run)} by this run; ${formatUsd(usage.thread.usd)} by the thread in all.`);
+    if (!isEmptyUsage(usage.thread)) {
+      const thisRun = isEmptyUsage(usage.run) ? "nothing by this run" : `${describeUsage(usage.run)} by this run`;
+      io.err(`  spent: ${thisRun}; ${formatUsd(usage.thread.usd)} by the thread in all.`);
+    }
     if (result.cleanedUp) io.err(`  the workflow cleans up on success: thread ${result.thread}'s checkpoints are deleted (its outputs and artifacts are kept).`);
   }
   if (options.verb === "resume" && !isEmptyUsage(usage.reused) && result.status !== "already-completed") {

@@ -125,13 +125,13 @@ describe("Ctrl+C and SIGTERM drain the run", () => {
     });
     child.kill("SIGINT");
     await new Promise((r) => setTimeout(r, 100));
-    const killedAt = Date.now();
     child.kill("SIGINT");
     const stopped = await done;
-    const tookMs = Date.now() - killedAt;
     expect(stopped.code, stopped.stderr).toBe(130);
-    expect(stopped.stderr).toContain("■ SIGINT again: exiting now. Work saved so far is kept; work in flight is lost and will rerun on resume.");
-    expect(tookMs).toBeLessThan(1_500);
+    expect(stopped.stderr).toContain(
+      "■ SIGINT again: exiting now. Work saved so far is kept; work in flight (and finished items held for a batch) will rerun on resume.",
+    );
+    // At once: frames 2 and 3 had two seconds left and never ended.
     const first = await executions(log);
     expect(frames(first.started)).toEqual([0, 1, 2, 3]);
     expect(frames(first.ended)).toEqual([0, 1]);

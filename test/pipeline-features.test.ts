@@ -960,3 +960,85 @@ describe("events", () => {
     expectUsage(checkpoints[2]!.total, usd(3, 5));
   });
 });
+
+// -------------------------------------------------------------------------------------------------
+// Regressions found in review
+
+describe("failures under a concurrency limit, routing failures, budgets and plain graphs", () => {
+  const Items = z.object({ xs: z.array(z.number()).default([]) });
+
+  it("a failing item under concurrency 1 does not block the items queued behind it: all run, the others are saved", async () => {
+    const counter = new Counter();
+    const wf = workflow("queued-failure", { state: Items }).map("work", {
+      over: () => range(4),
+      run: (i) => {
+        counter.hit(`work#${i}`);
+        if (i === 0) throw new Error("item 0 is broken");
+        return i;
+      },
+      into: "xs",
+      concurrency: 1,
+      retry: false,
+    });
+    const thread = threadId("queued");
+    const error = await rejection(run(wf, { store, thread }));
+    expectCode(error, "STEP_FAILED");
+    expect(range(4).map((i) => counter.of(`work#${i}`))).toEqual([1, 1, 1, 1]);
+    expect(await savedWork(store.saver, thread)).toEqual({ steps: [], items: { work: [1, 2, 3] } });
+  });
+
+  it("a route function that throws fails naming the step; the resume reruns the step before it and goes on", async () => {
+    const counter = new Counter();
+    let broken = true;
+    const wf = workflow("routing-failure", { state: z.object({ n: z.number().default(0), done: z.boolean().default(false) }) })
+      .step("write", (s) => (counter.hit("write"), { n: s.n + 1 }))
+      .step("finish", () => (counter.hit("finish"), { done: true }), {
+        when: () => {
+          if (broken) throw new Error("the condition reads a field that is not there");
+          return true;
+        },
+      });
+    const thread = threadId("routing");
+    const error = await rejection(run(wf, { store, thread }));
+    expectCode(error, "STEP_FAILED");
+    expect(error.message).toBe('Step "finish" failed: its when() function threw: the condition reads a field that is not there');
+    broken = false;
+    const resumed = await resume(wf, { store, thread });
+    expect(resumed.status).toBe("completed");
+    expect(resumed.state).toEqual({ n: 1, done: true });
+    expect(counter.counts).toEqual({ write: 2, finish: 1 });
+  });
+
+  it("crossing the budget stops a retrying step: no further attempt is paid for", async () => {
+    const counter = new Counter();
+    const wf = workflow("budget-retry", { state: Items }).step(
+      "flaky",
+      (_s, ctx) => {
+        counter.hit("flaky");
+        ctx.usage({ usd: 1 });
+        throw new TransientError("rate limited (429)");
+      },
+      { retry: { maxAttempts: 4, initialDelayMs: 5 } },
+    );
+    const result = await run(wf, { store, thread: threadId("budget-retry"), budgetUsd: 0.5 });
+    expect(result.status).toBe("stopped");
+    expect(result.stopped?.reason).toBe("budget");
+    expect(counter.of("flaky")).toBe(1);
+    expectUsage(result.usage.failed, usd(1));
+  });
+
+  it("gives a plain StateGraph node no retries of cairn's own", async () => {
+    const { Annotation, StateGraph, START, END } = await import("@langchain/langgraph");
+    let calls = 0;
+    const graph = new StateGraph(Annotation.Root({ n: Annotation<number>() }))
+      .addNode("flaky", () => {
+        calls += 1;
+        throw new TransientError("rate limited (429)");
+      })
+      .addEdge(START, "flaky")
+      .addEdge("flaky", END);
+    const error = await rejection(run(graph, { store, thread: threadId("plain-retry"), input: { n: 0 } }));
+    expectCode(error, "STEP_FAILED");
+    expect(calls).toBe(1);
+  });
+});

@@ -7,7 +7,8 @@ import { formatDuration, plural, type Io } from "./render.ts";
  * Turns a run's events into what a person watches: one permanent line per finished step (with its cost),
  * and, on a terminal, a live block redrawn in place: the step running now, a bar for a fan-out's items
  * or a step's own progress, steps done of total, elapsed time, ETA and the money spent so far. Without a
- * terminal (CI, a pipe) the live block becomes a plain line every 10 % of a fan-out or every 15 seconds.
+ * terminal (CI, a pipe) the live block becomes a plain line every 10 % of a fan-out of 20 or more items (or
+ * when an item finishes 15 seconds after the last line), and a step's own progress every 15 seconds.
  */
 export class ProgressReporter {
   private steps: string[] = [];

@@ -47,7 +47,7 @@ export async function session(io: Io, options: SessionOptions, start: (hooks: Se
       return;
     }
     io.live?.clear();
-    io.err(`■ ${signal} again: exiting now. Work saved so far is kept; work in flight is lost and will rerun on resume.`);
+    io.err(`■ ${signal} again: exiting now. Work saved so far is kept; work in flight (and finished items held for a batch) will rerun on resume.`);
     process.exit(EXIT_INTERRUPTED);
   };
   process.on("SIGINT", onSignal);

@@ -98,10 +98,17 @@ function compileInstrumented(builder: StateGraph<any, any, any, any, any, any>, 
     originals.set(name, spec.runnable);
     const inner = spec.runnable;
     spec.runnable = RunnableLambda.from(async (input: unknown, config?: RunnableConfig) =>
-      runtime.task(name, undefined, taskIdOf(config), () => {
-        markSharedSignal(config);
-        return inner.invoke(input, { ...config, signal: runtime.signal });
-      }),
+      // No retries of cairn's own: a plain graph keeps exactly the retry policy its author gave it.
+      runtime.task(
+        name,
+        undefined,
+        taskIdOf(config),
+        () => {
+          markSharedSignal(config);
+          return inner.invoke(input, { ...config, signal: runtime.signal });
+        },
+        { retry: false },
+      ),
     ).withConfig({ runName: name }) as unknown as Runnable;
   }
   try {

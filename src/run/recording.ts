@@ -120,8 +120,10 @@ export class RecordingSaver extends BaseCheckpointSaver {
     if (tasks.length === 0) this.nextLabel = undefined;
     const durationMs = tasks.length ? Math.max(...tasks.map((t) => t.endedAt)) - Math.min(...tasks.map((t) => t.startedAt)) : 0;
     const total = await this.totalAt(config, checkpoint, tasks.reduce((sum, t) => addUsage(sum, t.usage), NO_USAGE));
-    // A checkpoint no task produced (a restart, a fork) spent nothing, whatever its parent's total.
-    const usage = tasks.length === 0 ? NO_USAGE : subtractUsage(total, await this.previousTotal(config));
+    // A checkpoint cairn or the user made (a restart, a fork, an update) spent nothing, whatever its
+    // parent's total. One folding in task writes saved by an earlier process did: count it.
+    const made = metadata.source === "fork" || metadata.source === "update" || metadata.source === "input";
+    const usage = made ? NO_USAGE : subtractUsage(total, await this.previousTotal(config));
     const cairn: CairnMetadata = {
       step,
       steps,

@@ -85,7 +85,7 @@ export interface RunResult<State = Record<string, unknown>> {
 export interface RunUsage {
   /** Spent by this call, including attempts that failed. */
   run: Usage;
-  /** Spent by the thread in all, as its latest checkpoint records. */
+  /** Spent by the thread in all, on every branch (a step rerun by `fromStep` counts each time it ran). */
   thread: Usage;
   /** Spent before this call on work this call did not redo: what resuming saved. */
   reused: Usage;
@@ -153,6 +153,9 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
       await prepared.graph.updateState(at.config, undefined, "__copy__");
     } else if (fromStep !== undefined) {
       await rewindTo(prepared, store, thread, fromStep);
+    } else if (brokenRouting(latest)) {
+      prepared.saver.nextLabel = "retry-routing";
+      await prepared.graph.updateState(latest.config, undefined, "__copy__");
     } else {
       // Finished is decided by the graph (what its edges say is due), not by the checkpoint alone; and
       // saved task output not yet folded into a checkpoint (a crash right after a step) is unfinished work.
@@ -337,14 +340,16 @@ async function execute(
     }
     return result;
   } catch (error) {
-    // Items held for a batch are written before the run reports how it ended; if that fails too, the
-    // first error is the one to report.
-    await prepared.saver.flush().catch(() => {});
     // A stop (drain, budget) ends the superstep with no failed task: the run stopped, it did not fail.
     if (isGraphDrained(error) && runtime.failedTasks.length === 0) {
+      // Items held for a batch must be written before "everything finished is saved" is said.
+      await prepared.saver.flush();
       const snapshot = await prepared.graph.getState(config);
       return finish("stopped", snapshot.values as Record<string, unknown>);
     }
+    // Items held for a batch are written before the run reports how it failed; if that fails too, the
+    // first error is the one to report.
+    await prepared.saver.flush().catch(() => {});
     // Only a task's failure, or the workflow's routing code failing between steps, is a step failure;
     // store and setup errors keep their own message.
     const routing = routingFailure(error);
@@ -403,7 +408,20 @@ async function recordPreviousFailures(prepared: PreparedRun, thread: string): Pr
 /** A workflow's `when`/`over`/route function that threw between steps (see the builder's `userCode`). */
 function routingFailure(error: unknown): CairnError | undefined {
   const errors = error instanceof AggregateError ? error.errors : [error];
-  return errors.find((e): e is CairnError => isCairnError(e, "STEP_FAILED"));
+  return errors.find((e): e is CairnError => isCairnError(e, "STEP_FAILED") && e.details.routing === true);
+}
+
+/**
+ * The task whose routing code (`when`, `over`, a route) threw after the step itself finished. LangGraph
+ * runs routing while saving the step's writes, so the store holds both the step's output and an error
+ * for that task, and continuing from there would apply the output and route nowhere. Such a task is
+ * run again instead (its routing with it): the resume forks a copy of the checkpoint without the writes.
+ */
+function brokenRouting(tuple: CheckpointTuple): string | undefined {
+  const byTask = new Map<string, Set<string>>();
+  for (const [task, channel] of tuple.pendingWrites ?? []) byTask.set(task, (byTask.get(task) ?? new Set()).add(channel));
+  for (const [task, channels] of byTask) if (channels.has("__error__") && [...channels].some((c) => c !== "__error__")) return task;
+  return undefined;
 }
 
 /** The error for a failed step: which step, why, and what is saved. */

@@ -76,8 +76,12 @@ export function refFor(bytes: Uint8Array, options: PutArtifactOptions = {}): Art
   return ref;
 }
 
+function sha256Of(bytes: Uint8Array): string {
+  return createHash("sha256").update(bytes).digest("hex");
+}
+
 function checked(ref: ArtifactRef, bytes: Uint8Array, where: string): Uint8Array {
-  const sha = createHash("sha256").update(bytes).digest("hex");
+  const sha = sha256Of(bytes);
   if (sha !== ref.sha256) {
     throw new CairnError(
       "CHECKPOINT_CORRUPT",
@@ -130,7 +134,8 @@ export class FileArtifactStore implements ArtifactStore {
     const ref = refFor(bytes, options);
     const path = this.locate(ref);
     const existing = await stat(path).catch(() => undefined);
-    if (existing?.size === ref.size) return ref;
+    // Kept once per hash; a damaged copy is replaced rather than trusted.
+    if (existing?.size === ref.size && sha256Of(await readFile(path)) === ref.sha256) return ref;
     const folder = join(this.dir, "artifacts", ref.sha256.slice(0, 2));
     await mkdir(folder, { recursive: true });
     await writeFileAtomic(path, Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength), { fsync: true });
@@ -204,7 +209,13 @@ export class PostgresArtifactStore implements ArtifactStore {
   }
 
   private setup(): Promise<unknown> {
-    this.ready ??= this.pool.query(`CREATE TABLE IF NOT EXISTS ${this.table()} (sha256 TEXT PRIMARY KEY, media_type TEXT NOT NULL, size BIGINT NOT NULL, data BYTEA NOT NULL)`);
+    this.ready ??= this.pool
+      .query(`CREATE TABLE IF NOT EXISTS ${this.table()} (sha256 TEXT PRIMARY KEY, media_type TEXT NOT NULL, size BIGINT NOT NULL, data BYTEA NOT NULL)`)
+      .catch((error: unknown) => {
+        // Not remembered: the next use tries again (the server may be back).
+        this.ready = undefined;
+        throw error;
+      });
     return this.ready;
   }
 

@@ -414,7 +414,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
         throw new CairnError(
           "STEP_FAILED",
           `its ${what}() function threw: ${error instanceof Error ? error.message : String(error)}`,
-          { thread: runtime.thread, step },
+          { thread: runtime.thread, step, routing: true },
           { cause: error },
         );
       }

@@ -144,7 +144,7 @@ export class RunRuntime {
   readonly failedTasks: TaskRecord[] = [];
   /** Tasks started in this run. */
   taskCount = 0;
-  /** Fan-out items that were due but not started because the run was stopping. */
+  /** Tasks that were due but did not run to the end because the run was stopping (a resume runs them). */
   notStarted = 0;
   /** Failures recorded in the thread before this run, by `attemptKey`: earlier attempts of a step or item. */
   previousFailures = new Map<string, number>();
@@ -204,12 +204,35 @@ export class RunRuntime {
     if (taskId !== undefined) this.unsettled.add(id);
     if (taskId !== undefined && policy.saveEvery !== undefined && policy.saveEvery > 1) this.batched.set(taskId, policy.saveEvery);
     const body = () => this.attempt(node, step, item, id, fn, policy.retry);
-    return policy.concurrency ? this.limiter(step, policy.concurrency)(body) : body();
+    // The slot is held only while the task runs: a failed task waits for its siblings (below) without
+    // it, or the siblings queued behind it could never start and the wait would never end.
+    const outcome = await (policy.concurrency ? this.limiter(step, policy.concurrency)(body) : body());
+    if ("result" in outcome) return outcome.result;
+    this.holding.add(id);
+    this.wake();
+    try {
+      await this.untilSiblingsSaved();
+      // Siblings' writes held for a batch go to the store before the failure ends the superstep.
+      await this.flushWrites();
+    } finally {
+      this.holding.delete(id);
+      this.unsettled.delete(id);
+    }
+    throw outcome.error;
   }
 
-  private async attempt<T>(node: string, step: string, item: number | undefined, id: string, fn: (attempt: number) => Promise<T>, retry: RetryPolicy | false | undefined): Promise<T> {
+  /** One task's run, start to finish: its result, or the error it failed with (already reported). */
+  private async attempt<T>(
+    node: string,
+    step: string,
+    item: number | undefined,
+    id: string,
+    fn: (attempt: number) => Promise<T>,
+    retry: RetryPolicy | false | undefined,
+  ): Promise<{ result: T } | { error: unknown }> {
     if (this.stopReason === undefined && this.overBudget()) this.requestStop("budget");
-    if (this.stopReason !== undefined) {
+    // A cancelled run starts nothing more either; what has not started is left for a resume.
+    if (this.stopReason !== undefined || this.signal.aborted) {
       this.notStarted += 1;
       throw this.notStarting(id);
     }
@@ -223,30 +246,24 @@ export class RunRuntime {
       const usage = this.taskUsage.get(id) ?? NO_USAGE;
       this.finished.push({ node, step, startedAt, endedAt, ok: true, usage });
       this.emit({ type: "task:end", thread: this.thread, node, step, item, durationMs: endedAt - startedAt, usage });
-      return result;
+      return { result };
     } catch (error) {
       const usage = this.taskUsage.get(id) ?? NO_USAGE;
       this.taskUsage.delete(id);
       // Spent by attempts that did not finish: no checkpoint will ever record it.
       this.lostUsage = addUsage(this.lostUsage, usage);
-      if (isGraphDrained(error)) throw this.notStarting(id);
+      if (isGraphDrained(error)) {
+        // Started, then stopped while waiting to retry: unfinished, so the resume runs it again.
+        this.notStarted += 1;
+        throw this.notStarting(id);
+      }
       const endedAt = this.now();
       const record = { node, step, startedAt, endedAt, ok: false, usage };
       this.finished.push(record);
       this.failedTasks.push(record);
       const err = error instanceof Error ? error : new Error(String(error));
       this.emit({ type: "task:error", thread: this.thread, node, step, item, durationMs: endedAt - startedAt, error: err, usage });
-      this.holding.add(id);
-      this.wake();
-      try {
-        await this.untilSiblingsSaved();
-        // Siblings' writes held for a batch go to the store before the failure ends the superstep.
-        await this.flushWrites();
-      } finally {
-        this.holding.delete(id);
-        this.unsettled.delete(id);
-      }
-      throw error;
+      return { error };
     }
   }
 
@@ -336,6 +353,8 @@ export class RunRuntime {
     if (taskId !== undefined) this.taskUsage.set(taskId, addUsage(this.taskUsage.get(taskId), usage));
     this.runUsage = addUsage(this.runUsage, usage);
     this.emit({ type: "usage", thread: this.thread, step, item, usage, runTotal: this.runUsage });
+    // Crossing the budget stops what has not started yet, retries included.
+    if (this.stopReason === undefined && this.overBudget()) this.requestStop("budget");
   }
 
   /** `ctx.artifacts` for one step or item. */

@@ -1,5 +1,5 @@
 import { setMaxListeners } from "node:events";
-import { isGraphDrained, Overwrite, START } from "@langchain/langgraph";
+import { isGraphDrained, Overwrite, START, type StateSnapshot } from "@langchain/langgraph";
 import type { BaseCheckpointSaver, CheckpointTuple } from "@langchain/langgraph-checkpoint";
 import { customAlphabet } from "nanoid";
 import { CairnError, isCairnError } from "../errors.ts";
@@ -156,10 +156,13 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
     } else if (brokenRouting(latest)) {
       prepared.saver.nextLabel = "retry-routing";
       await prepared.graph.updateState(latest.config, undefined, "__copy__");
-    } else {
+    }
+    // One snapshot serves every question below: with thousands of saved fan-out items, each
+    // getState costs as much as preparing the whole superstep.
+    const snapshot = await prepared.graph.getState(config);
+    if (checkpoint === undefined && fromStep === undefined) {
       // Finished is decided by the graph (what its edges say is due), not by the checkpoint alone; and
       // saved task output not yet folded into a checkpoint (a crash right after a step) is unfinished work.
-      const snapshot = await prepared.graph.getState(config);
       if (snapshot.next.length === 0 && (latest.pendingWrites ?? []).length === 0 && latest.metadata?.source !== "input") {
         const total = usageInState(snapshot.values as Record<string, unknown>, latest);
         const spent = await spentInAll(store.saver, thread);
@@ -173,9 +176,9 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
         };
       }
     }
-    const skipped = await finishedSteps(prepared, store, thread);
+    const skipped = await finishedSteps(prepared, store, thread, snapshot);
     options.onStart?.({ thread, store: store.uri, skipped });
-    return execute(prepared, store, thread, null, skipped, options);
+    return execute(prepared, store, thread, null, skipped, options, snapshot);
   });
 }
 
@@ -244,10 +247,10 @@ export async function checkpointBefore(
 const newThreadId = customAlphabet("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", 12);
 
 /** Steps already finished on the thread's current branch: the work a resume does not redo. */
-async function finishedSteps(prepared: PreparedRun, store: OpenedStore, thread: string): Promise<string[]> {
+async function finishedSteps(prepared: PreparedRun, store: OpenedStore, thread: string, known?: StateSnapshot): Promise<string[]> {
   if (prepared.workflow) {
     const wf = prepared.workflow;
-    const snapshot = await prepared.graph.getState({ configurable: { thread_id: thread } });
+    const snapshot = known ?? (await prepared.graph.getState({ configurable: { thread_id: thread } }));
     // A step due again (a loop back to it) is not finished, whatever it did before.
     const due = new Set(snapshot.next.map((n) => wf.stepOfNode(n)));
     return (((snapshot.values as Record<string, unknown>)[DONE_CHANNEL] as string[] | undefined) ?? []).filter((s) => !due.has(s));
@@ -291,14 +294,16 @@ async function execute(
   input: unknown,
   skipped: string[],
   options: RunCommonOptions,
+  /** On a resume: the thread's state as the run starts. */
+  snapshot?: StateSnapshot,
 ): Promise<RunResult<any>> {
   const { runtime } = prepared;
   const config = { configurable: { thread_id: thread } };
   let reused = NO_USAGE;
-  if (input === null) {
-    await recordPreviousFailures(prepared, thread);
+  if (snapshot) {
+    recordPreviousFailures(prepared, snapshot);
     reused = await spentSoFar(store, thread);
-    await announceSavedItems(prepared, thread);
+    announceSavedItems(prepared, thread, snapshot);
   }
   runtime.startFrom(input === null ? await spentInAll(store.saver, thread) : NO_USAGE);
   runtime.resumed = input === null;
@@ -380,9 +385,8 @@ function usageInState(values: Record<string, unknown>, tuple: CheckpointTuple | 
 }
 
 /** For each fan-out due on resume: how many items it has and how many are already saved. */
-async function announceSavedItems(prepared: PreparedRun, thread: string): Promise<void> {
+function announceSavedItems(prepared: PreparedRun, thread: string, snapshot: StateSnapshot): void {
   if (!prepared.workflow) return;
-  const snapshot = await prepared.graph.getState({ configurable: { thread_id: thread } });
   const counts = new Map<string, { total: number; done: number }>();
   for (const task of snapshot.tasks) {
     if (!prepared.workflow.isMapStep(task.name)) continue;
@@ -395,8 +399,7 @@ async function announceSavedItems(prepared: PreparedRun, thread: string): Promis
 }
 
 /** Tell the runtime which due tasks failed before, so steps can see `ctx.attempt`. */
-async function recordPreviousFailures(prepared: PreparedRun, thread: string): Promise<void> {
-  const snapshot = await prepared.graph.getState({ configurable: { thread_id: thread } });
+function recordPreviousFailures(prepared: PreparedRun, snapshot: StateSnapshot): void {
   for (const task of snapshot.tasks) {
     if (!task.error) continue;
     const item = task.path?.[0] === "__pregel_push" && typeof task.path[1] === "number" ? task.path[1] : undefined;

@@ -117,7 +117,17 @@ interface ThreadIndex {
   locked?: boolean;
   /** The kind of the last intact record scanned ("end" after a clean close). */
   lastKind?: JournalRecord["k"];
+  /**
+   * Small write records already read, by offset. The journal is append-only, so a record never changes
+   * at its offset; a resumed fan-out reads its thousands of saved items several times (getTuple for the
+   * run, for the state, for the spend), and each would otherwise be a read of its own.
+   */
+  writeCache?: Map<number, JournalRecord>;
+  writeCacheBytes?: number;
 }
+
+/** Bytes of write records a thread's index keeps read (a bound, not a target). */
+const WRITE_CACHE_BYTES = 32 * 1024 * 1024;
 
 export interface FileCheckpointSaverOptions {
   /** The store directory (created on first write). cairn's default is `.cairn` in the working directory. */
@@ -327,6 +337,8 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   }
 
   private async read<T extends JournalRecord>(index: ThreadIndex, loc: RecordLocation, kind: T["k"], id?: string): Promise<T> {
+    const cached = kind === "w" ? index.writeCache?.get(loc.offset) : undefined;
+    if (cached) return cached as T;
     index.reader ??= await open(index.file, "r");
     const record = await readRecord<JournalRecord>(index.reader, index.file, loc);
     // The index and the file must agree on what sits at this offset; anything else is never served.
@@ -337,6 +349,10 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
           `Was the thread written by two processes at once? Nothing was loaded; run the command again.`,
         { file: index.file, offset: loc.offset },
       );
+    }
+    if (kind === "w" && (index.writeCacheBytes ?? 0) + loc.length <= WRITE_CACHE_BYTES) {
+      (index.writeCache ??= new Map()).set(loc.offset, record);
+      index.writeCacheBytes = (index.writeCacheBytes ?? 0) + loc.length;
     }
     return record as T;
   }
@@ -535,7 +551,17 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
         // The thread was deleted and made again (or the file replaced): what this index knew is void.
         await index.reader?.close();
         index.reader = undefined;
-        Object.assign(index, { validEnd: 0, rootCount: 0, lastKind: undefined, checkpoints: new Map(), sorted: new Map(), blobs: new Map(), writes: new Map() });
+        Object.assign(index, {
+          validEnd: 0,
+          rootCount: 0,
+          lastKind: undefined,
+          checkpoints: new Map(),
+          sorted: new Map(),
+          blobs: new Map(),
+          writes: new Map(),
+          writeCache: undefined,
+          writeCacheBytes: 0,
+        });
       }
       index.journalId = journalId;
       if (size <= index.validEnd) return;

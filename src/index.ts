@@ -3,10 +3,13 @@ export { workflow, appendList, Workflow, END_OF_WORKFLOW } from "./workflow/buil
 export type { StepContext, ItemContext, StepFn, StepLogger, MapOptions, StepOptions, WorkflowOptions, StepArtifacts } from "./workflow/builder.ts";
 export { TransientError, isTransientError } from "./workflow/instrument.ts";
 export type { RunEvent, RetryPolicy, StopReason } from "./workflow/instrument.ts";
+export { NO_USAGE, addUsage, isEmptyUsage, formatUsd } from "./workflow/usage.ts";
 export type { Usage, Pricing, UsageReport } from "./workflow/usage.ts";
 
 // Artifacts and sinks
-export { artifactRef, isArtifactRef, findArtifactRefs } from "./store/artifacts.ts";
+export { artifactRef, isArtifactRef, findArtifactRefs, extensionFor } from "./store/artifacts.ts";
+export { listArtifacts } from "./inspect/artifacts.ts";
+export type { ListedArtifact } from "./inspect/artifacts.ts";
 export type { ArtifactRef, ArtifactStore, PutArtifactOptions } from "./store/artifacts.ts";
 export { JsonlSink } from "./sinks/jsonl.ts";
 export type { JsonlSinkOptions } from "./sinks/jsonl.ts";
@@ -21,7 +24,7 @@ export type { RunTarget } from "./run/prepare.ts";
 export type { CairnMetadata } from "./run/recording.ts";
 
 // Reading
-export { latestTuple, readHistory, savedWork, statusOf } from "./inspect/history.ts";
+export { latestTuple, readHistory, savedWork, statusOf, spentInAll } from "./inspect/history.ts";
 export type { HistoryEntry, SavedWork, ThreadStatus, ThreadSummary } from "./inspect/history.ts";
 export { stateAt, listThreads } from "./inspect/state.ts";
 export type { StateAt } from "./inspect/state.ts";

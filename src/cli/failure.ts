@@ -1,6 +1,4 @@
-import type { CairnError, Usage } from "../index.ts";
-import { formatUsd } from "../workflow/instrument.ts";
-import { isEmptyUsage } from "../workflow/usage.ts";
+import { formatUsd, isEmptyUsage, type CairnError, type Usage } from "../index.ts";
 import { flag, plural, shellArg, type Io } from "./render.ts";
 
 /** Print what failed, what is saved, and the exact command that continues. Exit code 1. */

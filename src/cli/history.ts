@@ -1,8 +1,5 @@
-import { latestTuple, openStore, readHistory, statusOf } from "../index.ts";
+import { formatUsd, isEmptyUsage, latestTuple, openStore, readHistory, spentInAll, statusOf } from "../index.ts";
 import { COMMON_OPTIONS, onePositional, parse } from "./args.ts";
-import { spentInAll } from "../inspect/history.ts";
-import { formatUsd } from "../workflow/instrument.ts";
-import { isEmptyUsage } from "../workflow/usage.ts";
 import { describeUsage, formatTokens } from "./progress.ts";
 import { formatDuration, table, type Io } from "./render.ts";
 

@@ -1,6 +1,5 @@
-import { openStore, stateAt } from "../index.ts";
+import { isEmptyUsage, openStore, stateAt } from "../index.ts";
 import { COMMON_OPTIONS, onePositional, parse } from "./args.ts";
-import { isEmptyUsage } from "../workflow/usage.ts";
 import { describeUsage } from "./progress.ts";
 import { renderState, type Io } from "./render.ts";
 

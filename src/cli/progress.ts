@@ -1,6 +1,4 @@
-import type { RunEvent } from "../index.ts";
-import { formatUsd } from "../workflow/instrument.ts";
-import { NO_USAGE, addUsage, type Usage } from "../workflow/usage.ts";
+import { addUsage, formatUsd, NO_USAGE, type RunEvent, type Usage } from "../index.ts";
 import { formatDuration, plural, type Io } from "./render.ts";
 
 /**

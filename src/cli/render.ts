@@ -1,4 +1,4 @@
-import { isArtifactRef, type ArtifactRef } from "../store/artifacts.ts";
+import { isArtifactRef, type ArtifactRef } from "../index.ts";
 /** Where a command writes: results to `out`, progress and diagnostics to `err` (stdout stays clean for --json). */
 export interface Io {
   out: (text: string) => void;

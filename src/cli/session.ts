@@ -1,7 +1,5 @@
 import type { RunResult } from "../index.ts";
-import { isCairnError } from "../index.ts";
-import { formatUsd } from "../workflow/instrument.ts";
-import { isEmptyUsage } from "../workflow/usage.ts";
+import { formatUsd, isCairnError, isEmptyUsage } from "../index.ts";
 import { explainStepFailure } from "./failure.ts";
 import { describeUsage, ProgressReporter } from "./progress.ts";
 import { flag, formatDuration, plural, renderFinalState, shellArg, type Io } from "./render.ts";
@@ -37,6 +35,10 @@ export interface SessionHooks {
 export async function session(io: Io, options: SessionOptions, start: (hooks: SessionHooks) => Promise<RunResult>): Promise<number> {
   const reporter = new ProgressReporter(io, options.verbose);
   const drain = new AbortController();
+  // A second signal ends the command at once: main() returns its code and the process exits, with the
+  // run's work in flight abandoned (the store is consistent: every write is checksummed or atomic).
+  let abandon!: (code: number) => void;
+  const abandoned = new Promise<number>((resolve) => (abandon = resolve));
   let signals = 0;
   const onSignal = (signal: NodeJS.Signals) => {
     signals += 1;
@@ -48,15 +50,20 @@ export async function session(io: Io, options: SessionOptions, start: (hooks: Se
     }
     io.live?.clear();
     io.err(`■ ${signal} again: exiting now. Work saved so far is kept; work in flight (and finished items held for a batch) will rerun on resume.`);
-    process.exit(EXIT_INTERRUPTED);
+    abandon(EXIT_INTERRUPTED);
   };
   process.on("SIGINT", onSignal);
   process.on("SIGTERM", onSignal);
   const started = Date.now();
   try {
-    const result = await start({ onEvent: reporter.onEvent, drain: drain.signal });
+    const running = start({ onEvent: reporter.onEvent, drain: drain.signal });
+    const outcome = await Promise.race([running.then((result) => ({ result })), abandoned.then((code) => ({ code }))]);
     reporter.finish();
-    return report(io, options, result, reporter.stepsDone(), Date.now() - started);
+    if ("code" in outcome) {
+      running.catch(() => {});
+      return outcome.code;
+    }
+    return report(io, options, outcome.result, reporter.stepsDone(), Date.now() - started);
   } catch (error) {
     reporter.finish();
     if (isCairnError(error, "STEP_FAILED")) return explainStepFailure(io, error, options.file, options.store, options.verbose);

@@ -1,6 +1,5 @@
-import { listThreads, openStore } from "../index.ts";
+import { formatUsd, listThreads, openStore } from "../index.ts";
 import { COMMON_OPTIONS, parse } from "./args.ts";
-import { formatUsd } from "../workflow/instrument.ts";
 import { formatTokens } from "./progress.ts";
 import { table, type Io } from "./render.ts";
 import { CairnError } from "../index.ts";

@@ -7,8 +7,8 @@ import { checkCheckpointId, checkpointNotFound, currentBranch, latestTuple, read
 import { openStore, type OpenedStore } from "../store/open.ts";
 import { errorWrites, visibleState } from "../store/steps.ts";
 import { DONE_CHANNEL, isWorkflow, undoChannel, unknownStep, type UndoRecord, type Workflow } from "../workflow/builder.ts";
-import { attemptKey, formatUsd, type RunEvent, type StopReason } from "../workflow/instrument.ts";
-import { addUsage, NO_USAGE, UsageCallbackHandler, type Pricing, type Usage } from "../workflow/usage.ts";
+import { attemptKey, type RunEvent, type StopReason } from "../workflow/instrument.ts";
+import { addUsage, formatUsd, NO_USAGE, UsageCallbackHandler, type Pricing, type Usage } from "../workflow/usage.ts";
 import { USAGE_CHANNEL } from "../channels.ts";
 import { describeTarget, prepareRun, type PreparedRun, type RunTarget } from "./prepare.ts";
 

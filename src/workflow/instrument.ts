@@ -4,7 +4,7 @@ import pLimit, { type LimitFunction } from "p-limit";
 import pRetry from "p-retry";
 import { CairnError } from "../errors.ts";
 import type { ArtifactStore } from "../store/artifacts.ts";
-import { addUsage, NO_USAGE, type Pricing, type Usage } from "./usage.ts";
+import { addUsage, formatUsd, NO_USAGE, type Pricing, type Usage } from "./usage.ts";
 
 /**
  * What every node of a cairn run goes through, for cairn workflows and plain LangGraph graphs alike:
@@ -436,11 +436,6 @@ export class RunRuntime {
   toJSON(): string {
     return "[cairn RunRuntime]";
   }
-}
-
-/** Dollars for people: cents precision for big amounts, four decimals for small ones. */
-export function formatUsd(usd: number): string {
-  return usd >= 1 ? `$${usd.toFixed(2)}` : `$${usd.toFixed(4)}`;
 }
 
 export function attemptKey(node: string, item: number | undefined): string {

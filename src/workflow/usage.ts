@@ -36,6 +36,11 @@ export function isEmptyUsage(u: Usage | undefined): boolean {
   return !u || (u.usd === 0 && u.inputTokens === 0 && u.outputTokens === 0 && u.calls === 0);
 }
 
+/** Dollars for people: cents for amounts of a dollar or more, four decimals below. */
+export function formatUsd(usd: number): string {
+  return usd >= 1 ? `$${usd.toFixed(2)}` : `$${usd.toFixed(4)}`;
+}
+
 /** Prices per million tokens, by model name. */
 export type Pricing = Record<string, { inputPerMillion: number; outputPerMillion: number }>;
 

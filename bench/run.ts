@@ -11,6 +11,7 @@ import { fileURLToPath } from "node:url";
 import { Annotation, MemorySaver, Send, START, StateGraph, type BaseCheckpointSaver } from "@langchain/langgraph";
 import { z } from "zod";
 import { openStore, run, resume, workflow, type OpenedStore } from "../src/index.ts";
+import { accumulate, deepHistory, dropBenchSchemas, linear, saverCases } from "./stores.ts";
 
 const RUNS = Number(process.env.BENCH_RUNS ?? 3);
 const POSTGRES = process.env.CAIRN_TEST_POSTGRES_URI ?? "postgres://postgres@127.0.0.1:5432/test";
@@ -132,17 +133,67 @@ async function benchPlainFanout(n: number, checkpointer?: BaseCheckpointSaver): 
 // -------------------------------------------------------------------------------------------------
 
 async function main(): Promise<void> {
+  const only = process.env.BENCH_ONLY;
+  const reachable = await postgresReachable();
+  const lines: string[] = [];
+  lines.push("# Benchmark results", "");
+  lines.push(`Written by \`npm run bench\` on ${new Date().toISOString()} · Node ${process.version} · ${cpus().length} × ${cpus()[0]?.model ?? "cpu"} · medians of ${RUNS} runs.`, "");
+  if (only === undefined || only === "stores") lines.push(...(await storesSection(reachable ? POSTGRES : undefined)));
+  if (only === undefined || only === "fanout") lines.push(...(await fanoutSection(reachable)));
+  const out = fileURLToPath(new URL("RESULTS.md", import.meta.url));
+  await writeFile(out, `${lines.join("\n")}\n`);
+  process.stdout.write(`${lines.join("\n")}\n\nwritten to ${out}\n`);
+}
+
+const ms = (x: number) => (x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2));
+const kib = (x: number | undefined) => (x === undefined ? "—" : x >= 1024 * 1024 ? `${(x / 1024 / 1024).toFixed(1)} MiB` : `${(x / 1024).toFixed(1)} KiB`);
+
+async function storesSection(postgres: string | undefined): Promise<string[]> {
+  const cases = saverCases(postgres);
+  const steps = Number(process.env.BENCH_STEPS ?? 200);
+  const depths = (process.env.BENCH_DEPTHS ?? "50,5000").split(",").map(Number);
+  const lines: string[] = [];
+  try {
+    process.stderr.write(`linear: ${steps} steps…\n`);
+    const lin = await linear(cases, steps, RUNS);
+    const floor = lin.find((r) => r.saver === "no checkpointer")!.msPerStep;
+    lines.push(`## linear: ${steps} trivial steps over ~10 KB of state that does not change (plain LangGraph graph, durability "sync")`, "");
+    lines.push("| saver | ms per step | × no checkpointer | bytes per checkpoint |", "|---|---|---|---|");
+    for (const r of lin) lines.push(`| ${r.saver} | ${ms(r.msPerStep)} | ${(r.msPerStep / floor).toFixed(2)} | ${kib(r.bytesPerCheckpoint)} |`);
+    lines.push("");
+
+    process.stderr.write(`accumulate: ${steps} steps…\n`);
+    const acc = await accumulate(cases, steps);
+    lines.push(`## accumulate: ${steps} steps, each appending a 4 KB chapter to a list (a reducer)`, "");
+    lines.push(`| saver | bytes after ${steps / 2} steps | after ${steps} | growth | × final state | ms per step, first 20 | last 20 | last / first |`, "|---|---|---|---|---|---|---|---|");
+    for (const r of acc) {
+      const growth = r.bytesAtHalf && r.bytesAtEnd ? (r.bytesAtEnd / r.bytesAtHalf).toFixed(2) : "—";
+      const ratio = r.bytesAtEnd ? (r.bytesAtEnd / r.finalStateBytes).toFixed(1) : "—";
+      lines.push(`| ${r.saver} | ${kib(r.bytesAtHalf)} | ${kib(r.bytesAtEnd)} | ${growth} | ${ratio} | ${ms(r.firstMs)} | ${ms(r.lastMs)} | ${(r.lastMs / r.firstMs).toFixed(2)} |`);
+    }
+    lines.push("", "Bytes: the store's files on disk (the SQLite database with its WAL; the file store's folder); MemorySaver: the serialized checkpoints it holds. Postgres: not measured.", "");
+
+    process.stderr.write(`deep history: depths ${depths.join(", ")}…\n`);
+    const deep = await deepHistory(cases, depths, RUNS);
+    lines.push("## deep history: a thread of many checkpoints, read by a saver opened afresh", "");
+    lines.push("| saver | checkpoints | latest, first read | latest, again | list 10 | walk back 80 % (at most 4,000) |", "|---|---|---|---|---|---|");
+    for (const r of deep) lines.push(`| ${r.saver} | ${r.depth} | ${ms(r.latestColdMs)} ms | ${ms(r.latestWarmMs)} ms | ${ms(r.list10Ms)} ms | ${ms(r.walkBackMs)} ms |`);
+    lines.push("", "MemorySaver cannot be reopened: its reads are on the instance that wrote the thread.", "");
+  } finally {
+    if (postgres) await dropBenchSchemas(postgres).catch(() => {});
+  }
+  return lines;
+}
+
+async function fanoutSection(postgresReachable: boolean): Promise<string[]> {
   const stores = [...STORES];
-  if (await postgresReachable()) stores.push({ name: "postgres", open: () => openStore(`${POSTGRES}${POSTGRES.includes("?") ? "&" : "?"}schema=cairn_bench`) });
+  if (postgresReachable) stores.push({ name: "postgres", open: () => openStore(`${POSTGRES}${POSTGRES.includes("?") ? "&" : "?"}schema=cairn_bench`) });
   const n = Number(process.env.BENCH_FANOUT_ITEMS ?? 2000);
   process.stderr.write(`fan-out of ${n} items, ${RUNS} runs per cell…\n`);
   const fan = await benchFanout(stores, n);
   const plainNone = await benchPlainFanout(n);
   const plainMemory = await benchPlainFanout(n, new MemorySaver());
-
   const lines: string[] = [];
-  lines.push("# Benchmark results", "");
-  lines.push(`Written by \`npm run bench\` on ${new Date().toISOString()} · Node ${process.version} · ${cpus().length} × ${cpus()[0]?.model ?? "cpu"} · medians of ${RUNS} runs.`, "");
   lines.push(`## Fan-out: one step of ${n} trivial items (a cairn workflow, \`run\`)`, "");
   lines.push("`saveEvery 1` saves every item as it finishes; `saveEvery 100` saves them in batches of 100 (a hard crash loses the finished items not yet written: see `MapOptions.saveEvery`). The resume column: one item failed once, the resume reruns it and gathers the step.", "");
   lines.push(`Floor: the same fan-out as a plain LangGraph \`StateGraph\` with \`Send\`: ${(plainNone / 1000).toFixed(2)} s with no checkpointer, ${(plainMemory / 1000).toFixed(2)} s with \`MemorySaver\`. "× floor" divides by the no-checkpointer time.`, "");
@@ -153,9 +204,7 @@ async function main(): Promise<void> {
     );
   }
   lines.push("", "\"Tasks the resume ran\" counts the failed item and the gather step that folds the results into the state.", "");
-  const out = fileURLToPath(new URL("RESULTS.md", import.meta.url));
-  await writeFile(out, `${lines.join("\n")}\n`);
-  process.stdout.write(`${lines.join("\n")}\n\nwritten to ${out}\n`);
+  return lines;
 }
 
 await main();

@@ -3,13 +3,12 @@ import { isGraphDrained, Overwrite, START, type StateSnapshot } from "@langchain
 import type { BaseCheckpointSaver, CheckpointTuple } from "@langchain/langgraph-checkpoint";
 import { customAlphabet } from "nanoid";
 import { CairnError, isCairnError } from "../errors.ts";
-import { checkCheckpointId, checkpointNotFound, currentBranch, latestTuple, readHistory, spentInAll } from "../inspect/history.ts";
+import { checkCheckpointId, checkpointNotFound, currentBranch, latestTuple, readHistory, spentAt, spentInAll } from "../inspect/history.ts";
 import { openStore, type OpenedStore } from "../store/open.ts";
 import { errorWrites, visibleState } from "../store/steps.ts";
 import { DONE_CHANNEL, isWorkflow, undoChannel, unknownStep, type UndoRecord, type Workflow } from "../workflow/builder.ts";
 import { attemptKey, type RunEvent, type StopReason } from "../workflow/instrument.ts";
-import { addUsage, formatUsd, NO_USAGE, UsageCallbackHandler, type Pricing, type Usage } from "../workflow/usage.ts";
-import { USAGE_CHANNEL } from "../channels.ts";
+import { formatUsd, NO_USAGE, UsageCallbackHandler, type Pricing, type Usage } from "../workflow/usage.ts";
 import { describeTarget, prepareRun, type PreparedRun, type RunTarget } from "./prepare.ts";
 
 /** The step names of a target: literal for a cairn workflow, any string for a plain StateGraph. */
@@ -164,7 +163,7 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
       // Finished is decided by the graph (what its edges say is due), not by the checkpoint alone; and
       // saved task output not yet folded into a checkpoint (a crash right after a step) is unfinished work.
       if (snapshot.next.length === 0 && (latest.pendingWrites ?? []).length === 0 && latest.metadata?.source !== "input") {
-        const total = usageInState(snapshot.values as Record<string, unknown>, latest);
+        const total = spentAt(latest);
         const spent = await spentInAll(store.saver, thread);
         return {
           thread,
@@ -302,7 +301,8 @@ async function execute(
   let reused = NO_USAGE;
   if (snapshot) {
     recordPreviousFailures(prepared, snapshot);
-    reused = await spentSoFar(store, thread);
+    // What the branch a resume keeps has spent: its latest checkpoint's total and its saved items.
+    reused = spentAt(await latestTuple(store.saver, thread, store.uri));
     announceSavedItems(prepared, thread, snapshot);
   }
   runtime.startFrom(input === null ? await spentInAll(store.saver, thread) : NO_USAGE);
@@ -363,25 +363,6 @@ async function execute(
   } finally {
     options.drain?.removeEventListener("abort", onDrain);
   }
-}
-
-/**
- * What the thread has spent on work a resume keeps: the total at its latest checkpoint, plus what the
- * items saved since (finished fan-out items of an unfinished step) spent.
- */
-async function spentSoFar(store: OpenedStore, thread: string): Promise<Usage> {
-  // The checkpoint's own values: LangGraph's getState would already fold the saved writes in.
-  const latest = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
-  let total = usageInState((latest?.checkpoint.channel_values ?? {}) as Record<string, unknown>, latest);
-  for (const [, channel, value] of latest?.pendingWrites ?? []) if (channel === USAGE_CHANNEL) total = addUsage(total, value as Usage);
-  return total;
-}
-
-/** A cairn workflow's spend from its state; a plain graph's from the checkpoint's metadata. */
-function usageInState(values: Record<string, unknown>, tuple: CheckpointTuple | undefined): Usage {
-  const inState = values[USAGE_CHANNEL] as Usage | undefined;
-  if (inState && typeof inState === "object") return addUsage(NO_USAGE, inState);
-  return addUsage(NO_USAGE, (tuple?.metadata as { cairn?: { total?: Usage } } | undefined)?.cairn?.total);
 }
 
 /** For each fan-out due on resume: how many items it has and how many are already saved. */

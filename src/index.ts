@@ -1,6 +1,6 @@
 // Authoring
 export { workflow, appendList, Workflow, END_OF_WORKFLOW } from "./workflow/builder.ts";
-export type { StepContext, ItemContext, StepFn, StepLogger, MapOptions, StepOptions, WorkflowOptions, StepArtifacts } from "./workflow/builder.ts";
+export type { StepContext, ItemContext, StepFn, StepLogger, MapOptions, StepOptions, WorkflowOptions, StepArtifacts, WorkflowShape, StepShape, RouteShape } from "./workflow/builder.ts";
 export { TransientError, isTransientError } from "./workflow/instrument.ts";
 export type { RunEvent, RetryPolicy, StopReason } from "./workflow/instrument.ts";
 export { NO_USAGE, addUsage, isEmptyUsage, formatUsd } from "./workflow/usage.ts";

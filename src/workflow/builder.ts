@@ -95,6 +95,12 @@ export interface StepOptions<S> {
    * timeouts, 5xx) get 3 attempts with backoff; permanent ones fail at once. `false` never retries.
    */
   retry?: RetryPolicy | false;
+  /**
+   * What the step's output depends on besides the state: its prompt template, model name, temperature…
+   * Any JSON value; cairn keeps a hash of it with each run of the step. When it changes, a resume of a
+   * thread that already ran the step refuses and names the step as stale (rerun it with `--from-step`).
+   */
+  fingerprint?: unknown;
 }
 
 interface StepDef<S> {
@@ -104,6 +110,40 @@ interface StepDef<S> {
   map?: MapOptions<S, unknown, ArrayKeys<S>>;
   when?: (state: S) => boolean;
   retry?: RetryPolicy | false;
+  fingerprint?: unknown;
+}
+
+/** Where a route may lead, declared (`.route(from, to, { targets })`) or read from the route's source. */
+interface RouteDef<S> {
+  to: (state: S) => string;
+  targets?: readonly string[];
+}
+
+/** A workflow's structure, as data: what `cairn graph` draws and what a thread's fingerprint records. */
+export interface WorkflowShape {
+  name: string;
+  version: string | undefined;
+  steps: StepShape[];
+  routes: RouteShape[];
+}
+
+export interface StepShape {
+  name: string;
+  kind: "step" | "map";
+  /** For a fan-out: the state field its results are gathered into. */
+  into?: string;
+  /** The step has a `when` condition: it may be skipped. */
+  conditional: boolean;
+  /** The step declares a fingerprint (its hash is recorded per run, not here). */
+  fingerprinted: boolean;
+}
+
+export interface RouteShape {
+  from: string;
+  /** The steps (or "end") the route can lead to, in declaration order. */
+  targets: string[];
+  /** `declared`: given with the route; `inferred`: step names quoted in the route's source; `unknown`: neither. */
+  targetsFrom: "declared" | "inferred" | "unknown";
 }
 
 /** The end of a route: no further step. */
@@ -118,6 +158,18 @@ export interface WorkflowOptions<Schema extends AnyZodObject> {
   defaultInput?: z.input<Schema>;
   /** A version the workflow declares (bump it when its behaviour changes). */
   version?: string;
+  /**
+   * Anything else the whole workflow's output depends on (a model family, a style guide). Recorded with
+   * the thread; a resume under a different value refuses until told `--force`, `--from-step` or a new thread.
+   */
+  fingerprint?: unknown;
+  /**
+   * Bring a state saved under an older version of the schema up to the current one. Called on resume
+   * when the saved state no longer parses, with the saved fields and the `version` the thread was
+   * started with; return the state in the current schema's shape (it is validated, then saved as a
+   * `migrate` checkpoint before anything runs).
+   */
+  migrate?: (state: Record<string, unknown>, from: { version: string | undefined }) => Record<string, unknown>;
   /** Prices per million tokens by model name, for turning counted tokens into money. */
   pricing?: Pricing;
   /**
@@ -149,21 +201,27 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
   readonly version: string | undefined;
   readonly pricing: Pricing | undefined;
   readonly cleanupOnSuccess: WorkflowOptions<Schema>["cleanupOnSuccess"];
+  readonly fingerprint: unknown;
+  readonly migrate: WorkflowOptions<Schema>["migrate"];
+  private readonly options: WorkflowOptions<Schema>;
   private readonly defs: StepDef<z.infer<Schema>>[];
-  private readonly routes: Map<string, (state: z.infer<Schema>) => string>;
+  private readonly routes: Map<string, RouteDef<z.infer<Schema>>>;
 
   constructor(
     name: string,
     options: WorkflowOptions<Schema>,
     defs: StepDef<z.infer<Schema>>[] = [],
-    routes = new Map<string, (state: z.infer<Schema>) => string>(),
+    routes = new Map<string, RouteDef<z.infer<Schema>>>(),
   ) {
     this.name = name;
+    this.options = options;
     this.schema = options.state;
     this.defaultInput = options.defaultInput;
     this.version = options.version;
     this.pricing = options.pricing;
     this.cleanupOnSuccess = options.cleanupOnSuccess;
+    this.fingerprint = options.fingerprint;
+    this.migrate = options.migrate;
     this.defs = defs;
     this.routes = routes;
   }
@@ -175,7 +233,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
 
   /** Add a step: a pure async function from the state to a partial update. */
   step<N extends string>(name: N, fn: StepFn<z.infer<Schema>>, options: StepOptions<z.infer<Schema>> = {}): Workflow<Schema, Names | N> {
-    return this.add({ name, kind: "step", fn, when: options.when, retry: options.retry });
+    return this.add({ name, kind: "step", fn, when: options.when, retry: options.retry, fingerprint: options.fingerprint });
   }
 
   /** Add a fan-out step: one task per item of `over`, results gathered into `into` in item order. */
@@ -189,22 +247,51 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
     if (options.saveEvery !== undefined && !(Number.isInteger(options.saveEvery) && options.saveEvery >= 1)) {
       throw new CairnError("INVALID_ARGUMENT", `Fan-out step "${name}" has saveEvery ${String(options.saveEvery)}; use a whole number of 1 or more (1 saves each item as it finishes).`, { step: name });
     }
-    return this.add({ name, kind: "map", map: options as unknown as MapOptions<z.infer<Schema>, unknown, ArrayKeys<z.infer<Schema>>>, when: options.when, retry: options.retry });
+    return this.add({ name, kind: "map", map: options as unknown as MapOptions<z.infer<Schema>, unknown, ArrayKeys<z.infer<Schema>>>, when: options.when, retry: options.retry, fingerprint: options.fingerprint });
   }
 
   /**
    * Decide where the workflow goes after `from` (a branch, or a loop back to an earlier step). Without a
-   * route a step is followed by the next declared step.
+   * route a step is followed by the next declared step. `targets` lists where the route can lead, for
+   * `cairn graph` and the thread's fingerprint; without it they are read from the step names quoted in
+   * the route's source.
    */
-  route(from: Names, to: (state: z.infer<Schema>) => Names | typeof END_OF_WORKFLOW): Workflow<Schema, Names> {
+  route(
+    from: Names,
+    to: (state: z.infer<Schema>) => Names | typeof END_OF_WORKFLOW,
+    options: { targets?: readonly (Names | typeof END_OF_WORKFLOW)[] } = {},
+  ): Workflow<Schema, Names> {
     if (!this.defs.some((d) => d.name === from)) throw unknownStep(this.name, from, this.steps);
+    for (const t of options.targets ?? []) {
+      if (t !== END_OF_WORKFLOW && !this.defs.some((d) => d.name === t)) throw unknownStep(this.name, t, this.steps);
+    }
     const routes = new Map(this.routes);
-    routes.set(from, to);
-    return new Workflow<Schema, Names>(this.name, this.options(), this.defs, routes);
+    routes.set(from, { to, targets: options.targets });
+    return new Workflow<Schema, Names>(this.name, this.options, this.defs, routes);
   }
 
-  private options(): WorkflowOptions<Schema> {
-    return { state: this.schema, defaultInput: this.defaultInput, version: this.version, pricing: this.pricing, cleanupOnSuccess: this.cleanupOnSuccess };
+  /** The workflow's structure as data: steps in order, their kinds, and where each route can lead. */
+  describe(): WorkflowShape {
+    const names = this.defs.map((d) => d.name);
+    return {
+      name: this.name,
+      version: this.version,
+      steps: this.defs.map((d) => {
+        const shape: StepShape = { name: d.name, kind: d.kind, conditional: d.when !== undefined, fingerprinted: d.fingerprint !== undefined };
+        if (d.kind === "map") shape.into = d.map!.into;
+        return shape;
+      }),
+      routes: [...this.routes].map(([from, r]) => {
+        if (r.targets) return { from, targets: [...r.targets], targetsFrom: "declared" as const };
+        const targets = quotedNames(r.to.toString(), [...names, END_OF_WORKFLOW]);
+        return { from, targets, targetsFrom: targets.length ? ("inferred" as const) : ("unknown" as const) };
+      }),
+    };
+  }
+
+  /** The declared fingerprint of a step (undefined when it declares none). */
+  stepFingerprint(step: string): unknown {
+    return this.defs.find((d) => d.name === step)?.fingerprint;
   }
 
   private add<N extends string>(def: StepDef<z.infer<Schema>>): Workflow<Schema, Names | N> {
@@ -234,7 +321,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
         { step: def.name },
       );
     }
-    return new Workflow<Schema, Names | N>(this.name, this.options(), [...this.defs, def], this.routes);
+    return new Workflow<Schema, Names | N>(this.name, this.options, [...this.defs, def], this.routes);
   }
 
   /** Validate an input against the state schema; throws INVALID_INPUT listing the fields at fault. */
@@ -427,7 +514,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
         if (def.when && !userCode(def.name, "when", () => def.when!(state))) {
           // A skipped step goes on as if it had run and found nothing to do.
           const route = this.routes.get(def.name);
-          if (route) return enter(userCode(def.name, "route", () => route(state)), state);
+          if (route) return enter(userCode(def.name, "route", () => route.to(state)), state);
           i += 1;
           continue;
         }
@@ -443,7 +530,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
       const s = userView(state);
       const route = this.routes.get(step);
       if (route) {
-        const target = userCode(step, "route", () => route(s));
+        const target = userCode(step, "route", () => route.to(s));
         if (target === END_OF_WORKFLOW || target === END) return END;
         if (!names.includes(target)) throw unknownStep(this.name, target, this.steps);
         return enter(target, s);
@@ -503,6 +590,16 @@ export function appendList<T extends z.ZodType>(item: T) {
     .array(item)
     .default([])
     .register(registry, { reducer: { fn: (a: z.infer<T>[], b: z.infer<T>[] | z.infer<T>) => a.concat(b as z.infer<T>[]) }, default: () => [] as z.infer<T>[] });
+}
+
+/** The names among `candidates` that appear quoted in `source`, in the order they first appear. */
+function quotedNames(source: string, candidates: readonly string[]): string[] {
+  const found: string[] = [];
+  for (const m of source.matchAll(/(["'`])([A-Za-z][A-Za-z0-9_-]*)\1/g)) {
+    const name = m[2]!;
+    if (candidates.includes(name) && !found.includes(name)) found.push(name);
+  }
+  return found;
 }
 
 /** The candidate nearest to `word` by edit distance, if it is close enough to be a likely typo. */

@@ -14,3 +14,5 @@ export const mapChannel = (step: string) => `${MAP_PREFIX}${step}`;
 export const gatherNode = (step: string) => `${step}__gather`;
 /** What the thread has spent on model calls (`Usage`), summed over every saved task. */
 export const USAGE_CHANNEL = `${CAIRN_PREFIX}usage`;
+/** The hash of each step's declared fingerprint as of its latest run on this branch (`{ [step]: hash }`). */
+export const FINGERPRINT_CHANNEL = `${CAIRN_PREFIX}fp`;

@@ -16,7 +16,9 @@ export type CairnErrorCode =
   | "STEP_FAILED"
   | "HISTORY_PRUNED"
   | "THREAD_LOCKED"
-  | "ARTIFACT_NOT_FOUND";
+  | "ARTIFACT_NOT_FOUND"
+  | "FINGERPRINT_MISMATCH"
+  | "STATE_SCHEMA_MISMATCH";
 
 /** Codes whose errors are the user's input at fault: the CLI exits 2 for them, before anything is written. */
 export const USAGE_ERROR_CODES: ReadonlySet<CairnErrorCode> = new Set<CairnErrorCode>([
@@ -29,6 +31,8 @@ export const USAGE_ERROR_CODES: ReadonlySet<CairnErrorCode> = new Set<CairnError
   "GRAPH_LOAD_FAILED",
   "UNSUPPORTED_STORE",
   "HISTORY_PRUNED",
+  "FINGERPRINT_MISMATCH",
+  "STATE_SCHEMA_MISMATCH",
 ]);
 
 export interface CairnErrorDetails {

@@ -1,8 +1,6 @@
-import { readFile } from "node:fs/promises";
 import { resolve } from "node:path";
 import { parseArgs, type ParseArgsConfig } from "node:util";
-import { parseDocument } from "yaml";
-import { CairnError } from "../index.ts";
+import { CairnError, readInputFile } from "../index.ts";
 
 /** Flags every command accepts. */
 export const COMMON_OPTIONS = {
@@ -37,33 +35,23 @@ export function parse<O extends NonNullable<ParseArgsConfig["options"]>>(command
   }
 }
 
-/** `--input '<json>'`, `--input @file.json` or `--input @file.yaml`, parsed; undefined when absent. */
-export async function readInput(raw: string | undefined, cwd: string): Promise<unknown> {
+/**
+ * `--input '<json>'`, `--input @file.json` or `--input @file.yaml`, parsed, with where it came from
+ * (`file:<absolute path>` for a file, so a resume can re-read it); undefined when absent.
+ */
+export async function readInput(raw: string | undefined, cwd: string): Promise<{ value: unknown; source: string } | undefined> {
   if (raw === undefined) return undefined;
-  let text = raw;
-  let source = "--input";
   if (raw.startsWith("@")) {
     const file = raw.slice(1);
-    source = `input file "${file}"`;
-    try {
-      text = await readFile(resolve(cwd, file), "utf8");
-    } catch {
-      throw new CairnError("INVALID_ARGUMENT", `Input file "${file}" cannot be read. Pass an existing JSON or YAML file: --input @story.json`, { file });
-    }
-    if (/\.ya?ml$/i.test(file)) {
-      const doc = parseDocument(text, { prettyErrors: true });
-      if (doc.errors.length) {
-        throw new CairnError("INVALID_ARGUMENT", `Input file "${file}" is not valid YAML: ${doc.errors[0]!.message}`, { file });
-      }
-      return doc.toJS();
-    }
+    const path = resolve(cwd, file);
+    return { value: await readInputFile(path, file), source: `file:${path}` };
   }
   try {
-    return JSON.parse(text);
+    return { value: JSON.parse(raw), source: "given" };
   } catch (error) {
     throw new CairnError(
       "INVALID_ARGUMENT",
-      `${source} is not valid JSON (${(error as Error).message}). Pass a JSON object, e.g. --input '{"topic":"honesty"}', or a file: --input @input.json`,
+      `--input is not valid JSON (${(error as Error).message}). Pass a JSON object, e.g. --input '{"topic":"honesty"}', or a file: --input @input.json`,
     );
   }
 }

@@ -21,6 +21,6 @@ export async function runCommand(argv: string[], io: Io): Promise<number> {
   const budgetUsd = budgetOption(values["budget-usd"]);
   const target = await loadGraph(file);
   return session(io, { file, store: values.store, verbose: values.verbose, json: values.json, budgetUsd, verb: "run" }, (hooks) =>
-    run(target, { input, thread: values.thread, store: values.store, budgetUsd, ...hooks, onStart: (t) => io.err(`thread ${t.thread} · store ${t.store}`) }),
+    run(target, { input: input?.value, inputSource: input?.source, thread: values.thread, store: values.store, budgetUsd, ...hooks, onStart: (t) => io.err(`thread ${t.thread} · store ${t.store}`) }),
   );
 }

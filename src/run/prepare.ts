@@ -122,3 +122,15 @@ function isReducerChannel(builder: StateGraph<any, any, any, any, any, any>, cha
   const ch = (builder.channels as Record<string, unknown>)[channel];
   return ch !== undefined && ch?.constructor?.name === "BinaryOperatorAggregate";
 }
+
+/** The input a run starts with: laid over a workflow's `defaultInput` and validated (INVALID_INPUT). */
+export function parseInput(target: RunTarget, input: unknown): unknown {
+  if (isWorkflow(target)) {
+    const wf = target;
+    // The given input is laid over the workflow's default input, field by field.
+    const given = input === undefined ? {} : input;
+    if (typeof given !== "object" || given === null || Array.isArray(given)) return wf.parseInput(given);
+    return wf.parseInput({ ...(wf.defaultInput ?? {}), ...given });
+  }
+  return input ?? {};
+}

@@ -11,6 +11,7 @@ import {
 } from "@langchain/langgraph-checkpoint";
 import { USAGE_CHANNEL } from "../channels.ts";
 import type { RunRuntime } from "../workflow/instrument.ts";
+import { compactFingerprint, type FingerprintRecord } from "./fingerprint.ts";
 import { addUsage, NO_USAGE, subtractUsage, type Usage } from "../workflow/usage.ts";
 
 /** What cairn adds to every checkpoint's metadata, on every store. */
@@ -32,6 +33,8 @@ export interface CairnMetadata {
   usage: Usage;
   /** Spent by the thread up to and including this checkpoint. */
   total: Usage;
+  /** What the thread's work depends on (structure, input), to check on resume; see `FingerprintRecord`. */
+  fingerprint?: FingerprintRecord;
 }
 
 /**
@@ -41,6 +44,12 @@ export interface CairnMetadata {
 export class RecordingSaver extends BaseCheckpointSaver {
   /** A label for the next checkpoint that no task produced (a restart or a fork). */
   nextLabel: string | undefined;
+  /**
+   * The fingerprint of the code and input this run works under. The first checkpoint this saver writes
+   * carries it in full (the readable detail a mismatch is explained with); later ones only its hashes.
+   */
+  fingerprint: FingerprintRecord | undefined;
+  private fingerprintWritten = false;
   /** The thread's spend at the last checkpoint this saver wrote, to tell each step's share. */
   private last: { id: string; total: Usage } | undefined;
   /** Task writes held back by a fan-out's `saveEvery`, written together. */
@@ -136,6 +145,10 @@ export class RecordingSaver extends BaseCheckpointSaver {
       usage,
       total,
     };
+    if (this.fingerprint) {
+      cairn.fingerprint = this.fingerprintWritten ? compactFingerprint(this.fingerprint) : this.fingerprint;
+      this.fingerprintWritten = true;
+    }
     const saved = await this.inner.put(config, checkpoint, { ...metadata, cairn } as CheckpointMetadata, newVersions);
     this.last = { id: checkpoint.id, total };
     this.runtime.emit({

@@ -9,7 +9,9 @@ import { errorWrites, visibleState } from "../store/steps.ts";
 import { DONE_CHANNEL, isWorkflow, undoChannel, unknownStep, type UndoRecord, type Workflow } from "../workflow/builder.ts";
 import { attemptKey, type RunEvent, type StopReason } from "../workflow/instrument.ts";
 import { formatUsd, NO_USAGE, UsageCallbackHandler, type Pricing, type Usage } from "../workflow/usage.ts";
-import { describeTarget, prepareRun, type PreparedRun, type RunTarget } from "./prepare.ts";
+import { currentFingerprint } from "./fingerprint.ts";
+import { applyMigration, checkFingerprint, migrationFor } from "./guard.ts";
+import { describeTarget, parseInput, prepareRun, type PreparedRun, type RunTarget } from "./prepare.ts";
 
 /** The step names of a target: literal for a cairn workflow, any string for a plain StateGraph. */
 export type StepName<T> = T extends Workflow<any, infer N> ? N : string;
@@ -25,8 +27,12 @@ export interface RunCommonOptions {
   onEvent?: (event: RunEvent) => void;
   /** Cancels the run: running steps see their `ctx.signal` aborted. */
   signal?: AbortSignal;
-  /** Called once the thread and store are settled, before any step runs. */
-  onStart?: (info: { thread: string; store: string; skipped: string[] }) => void;
+  /**
+   * Called once the thread and store are settled, before any step runs. `notices` says what a resume
+   * noticed but did not refuse (a change that touches no finished step, a forced resume, an input that
+   * cannot be checked, a migrated state).
+   */
+  onStart?: (info: { thread: string; store: string; skipped: string[]; notices: string[] }) => void;
   /**
    * Abort this signal to stop cleanly: running steps and items finish and are saved, nothing new
    * starts, and the run returns `status: "stopped"` at the next step boundary (what Ctrl+C does).
@@ -44,6 +50,12 @@ export interface RunCommonOptions {
 export interface StartOptions extends RunCommonOptions {
   /** The input, laid over the workflow's `defaultInput`; validated against its schema before anything is written. */
   input?: unknown;
+  /**
+   * Where `input` came from, recorded in the thread's fingerprint: `file:<absolute path>` makes a resume
+   * re-read that file and refuse if it changed (see `readInputFile`). Default: `default` without an
+   * input, `given` with one (a resume cannot re-read it; pass `input` to `resume` to have it checked).
+   */
+  inputSource?: string;
   /** The thread id; generated when absent. Must not exist yet. */
   thread?: string;
 }
@@ -54,6 +66,17 @@ export interface ResumeOptions<Step extends string = string> extends RunCommonOp
   fromStep?: Step;
   /** Continue from this checkpoint of the thread's history instead of the latest. */
   checkpoint?: string;
+  /**
+   * Resume even though the workflow or its input changed since the thread's work was saved (what
+   * `FINGERPRINT_MISMATCH` refuses). The differences are still reported through `onStart`'s `notices`.
+   */
+  force?: boolean;
+  /**
+   * The input as it is now, to check against the one the thread started with. Without it, a thread
+   * started from a file (`inputSource: "file:…"`) re-reads that file, and one started from the
+   * workflow's `defaultInput` compares with the current default.
+   */
+  input?: unknown;
 }
 
 export interface RunResult<State = Record<string, unknown>> {
@@ -104,6 +127,7 @@ export async function run<T extends RunTarget>(target: T, options: StartOptions 
   const thread = options.thread ?? newThreadId();
   checkThreadId(thread);
   const input = parseInput(target, options.input);
+  const fingerprint = currentFingerprint(target, input, options.inputSource ?? (options.input === undefined ? "default" : "given"));
   return withStore(options, async (store) => {
     const existing = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
     if (existing) {
@@ -114,7 +138,8 @@ export async function run<T extends RunTarget>(target: T, options: StartOptions 
       );
     }
     const prepared = prepare(target, store, thread, options);
-    options.onStart?.({ thread, store: store.uri, skipped: [] });
+    prepared.saver.fingerprint = fingerprint.record;
+    options.onStart?.({ thread, store: store.uri, skipped: [], notices: [] });
     return execute(prepared, store, thread, input, [], options);
   });
 }
@@ -143,11 +168,19 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
   if (fromStep !== undefined && !steps.includes(fromStep)) throw unknownStep(name, fromStep, steps);
   return withStore(options, async (store) => {
     const latest = await latestTuple(store.saver, thread, store.uri);
+    const at = checkpoint === undefined ? latest : await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: checkpoint } });
+    if (!at) throw checkpointNotFound(thread, checkpoint!, store.uri);
+    // Every check before anything is written: a refused resume leaves the thread as it was.
+    const check = await checkFingerprint(target, store, thread, at, options);
+    if (check.refusal) throw check.refusal;
+    const wf = isWorkflow(target) ? target : undefined;
+    const migrationAt = wf ? migrationFor(wf, at, check.recorded) : undefined;
+    const notices = [...check.notices];
     const prepared = prepare(target, store, thread, options);
+    prepared.saver.fingerprint = check.current.record;
     const config = { configurable: { thread_id: thread } };
+    let moved = true;
     if (checkpoint !== undefined) {
-      const at = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: checkpoint } });
-      if (!at) throw checkpointNotFound(thread, checkpoint, store.uri);
       prepared.saver.nextLabel = "fork";
       await prepared.graph.updateState(at.config, undefined, "__copy__");
     } else if (fromStep !== undefined) {
@@ -155,6 +188,12 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
     } else if (brokenRouting(latest)) {
       prepared.saver.nextLabel = "retry-routing";
       await prepared.graph.updateState(latest.config, undefined, "__copy__");
+    } else moved = false;
+    if (wf) {
+      // The state the run continues from must parse with the current schema, or be migrated first.
+      const head = moved ? await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } }) : undefined;
+      const migration = head ? migrationFor(wf, head, check.recorded) : migrationAt;
+      if (migration) notices.push(await applyMigration(prepared, thread, migration));
     }
     // One snapshot serves every question below: with thousands of saved fan-out items, each
     // getState costs as much as preparing the whole superstep.
@@ -176,7 +215,7 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
       }
     }
     const skipped = await finishedSteps(prepared, store, thread, snapshot);
-    options.onStart?.({ thread, store: store.uri, skipped });
+    options.onStart?.({ thread, store: store.uri, skipped, notices });
     return execute(prepared, store, thread, null, skipped, options, snapshot);
   });
 }
@@ -191,7 +230,15 @@ async function rewindTo(prepared: PreparedRun, store: OpenedStore, thread: strin
   const before = await checkpointBefore(store.saver, thread, step);
   if (before.tuple) {
     prepared.saver.nextLabel = `restart:${step}`;
-    await prepared.graph.updateState(before.tuple.config, undefined, "__copy__");
+    const producer = prepared.workflow ? producerOf(prepared.workflow, before.tuple) : undefined;
+    if (producer !== undefined) {
+      // Fork as the step that produced that checkpoint, so the current workflow's routing decides what
+      // runs next (a step inserted since then runs; a copy would keep the old route).
+      await prepared.graph.updateState(before.tuple.config, {}, prepared.workflow!.lastNodeOf(producer));
+    } else {
+      // Before the first step (or a plain graph): a copy; the first step is routed when the input is read.
+      await prepared.graph.updateState(before.tuple.config, undefined, "__copy__");
+    }
     return;
   }
   const latest = await prepared.graph.getState({ configurable: { thread_id: thread } });
@@ -240,6 +287,15 @@ export async function checkpointBefore(
     ? await saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: first.parent } })
     : undefined;
   return { ran: true, tuple };
+}
+
+/** The workflow step whose completion a checkpoint records (its own steps, else the last one finished). */
+function producerOf(wf: Workflow<any, string>, tuple: CheckpointTuple): string | undefined {
+  const steps = (tuple.metadata as { cairn?: { steps?: string[] } } | undefined)?.cairn?.steps ?? [];
+  const own = steps.filter((s) => wf.steps.includes(s)).pop();
+  if (own !== undefined) return own;
+  const done = ((tuple.checkpoint.channel_values as Record<string, unknown>)[DONE_CHANNEL] as string[] | undefined) ?? [];
+  return done.filter((s) => wf.steps.includes(s)).pop();
 }
 
 /** Generated thread ids: letters and digits only, so they never read as a flag or need quoting. */
@@ -401,7 +457,7 @@ function routingFailure(error: unknown): CairnError | undefined {
  * for that task, and continuing from there would apply the output and route nowhere. Such a task is
  * run again instead (its routing with it): the resume forks a copy of the checkpoint without the writes.
  */
-function brokenRouting(tuple: CheckpointTuple): string | undefined {
+export function brokenRouting(tuple: CheckpointTuple): string | undefined {
   const byTask = new Map<string, Set<string>>();
   for (const [task, channel] of tuple.pendingWrites ?? []) byTask.set(task, (byTask.get(task) ?? new Set()).add(channel));
   for (const [task, channels] of byTask) if (channels.has("__error__") && [...channels].some((c) => c !== "__error__")) return task;
@@ -446,17 +502,6 @@ function prepare(target: RunTarget, store: OpenedStore, thread: string, options:
     runtime.budgetUsd = options.budgetUsd;
     if (options.pricing) runtime.pricing = { ...runtime.pricing, ...options.pricing };
   });
-}
-
-function parseInput(target: RunTarget, input: unknown): unknown {
-  if (isWorkflow(target)) {
-    const wf = target;
-    // The given input is laid over the workflow's default input, field by field.
-    const given = input === undefined ? {} : input;
-    if (typeof given !== "object" || given === null || Array.isArray(given)) return wf.parseInput(given);
-    return wf.parseInput({ ...(wf.defaultInput ?? {}), ...given });
-  }
-  return input ?? {};
 }
 
 function checkThreadId(thread: string): void {

@@ -7,7 +7,8 @@ import { markSharedSignal, type RetryPolicy, type RunRuntime, type TaskPolicy } 
 import { addUsage, isEmptyUsage, usageFrom, type Pricing, type Usage, type UsageReport } from "./usage.ts";
 import type { ArtifactRef, PutArtifactOptions } from "../store/artifacts.ts";
 
-import { DONE_CHANNEL, gatherNode, mapChannel, undoChannel, USAGE_CHANNEL } from "../channels.ts";
+import { DONE_CHANNEL, FINGERPRINT_CHANNEL, gatherNode, mapChannel, undoChannel, USAGE_CHANNEL } from "../channels.ts";
+import { hashOf } from "./hash.ts";
 
 export { DONE_CHANNEL, gatherNode, mapChannel, undoChannel, USAGE_CHANNEL };
 
@@ -390,6 +391,9 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
     type S = z.infer<Schema>;
     const internal: Record<string, z.ZodType> = {
       [USAGE_CHANNEL]: z.any().register(registry, { reducer: { fn: (a: Usage | undefined, b: Usage | undefined) => addUsage(a, b) } }),
+      [FINGERPRINT_CHANNEL]: z
+        .record(z.string(), z.string())
+        .register(registry, { reducer: { fn: (a: Record<string, string>, b: Record<string, string>) => ({ ...a, ...b }) }, default: () => ({}) }),
       [DONE_CHANNEL]: z
         .array(z.string())
         .register(registry, { reducer: { fn: (a: string[], b: string[]) => [...a, ...b.filter((x) => !a.includes(x))] }, default: () => [] }),
@@ -431,17 +435,24 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
       return isEmptyUsage(usage) ? {} : { [USAGE_CHANNEL]: usage };
     };
     const policyOf = (def: StepDef<S>): TaskPolicy => ({ retry: def.retry, concurrency: def.map?.concurrency, saveEvery: def.map?.saveEvery });
-    /** The done mark, and on the first run the undo record, that go with a step's update. */
+    const stepHashes = new Map<string, string>();
+    for (const d of this.defs) if (d.fingerprint !== undefined) stepHashes.set(d.name, hashOf(d.fingerprint));
+    /**
+     * The done mark, and on the first run the undo record, that go with a step's update; and the hash of
+     * what the step declares it depends on, saved with its output so a resume can tell stale output.
+     */
     const bookkeeping = (step: string, state: Record<string, unknown>, changed: string[]) => {
+      const hash = stepHashes.get(step);
+      const fp = hash === undefined ? {} : { [FINGERPRINT_CHANNEL]: { [step]: hash } };
       const done = (state[DONE_CHANNEL] as string[] | undefined) ?? [];
-      if (done.includes(step)) return {};
+      if (done.includes(step)) return fp;
       const fields: Record<string, unknown> = {};
       const absent: string[] = [];
       for (const k of changed) {
         if (state[k] === undefined) absent.push(k);
         else fields[k] = state[k];
       }
-      return { [DONE_CHANNEL]: [step], [undoChannel(step)]: { fields, absent } satisfies UndoRecord };
+      return { ...fp, [DONE_CHANNEL]: [step], [undoChannel(step)]: { fields, absent } satisfies UndoRecord };
     };
 
     for (const def of this.defs) {

@@ -17,9 +17,12 @@ export type { JsonlSinkOptions } from "./sinks/jsonl.ts";
 // Running
 export { run, resume } from "./run/run.ts";
 export type { RunResult, RunUsage, StartOptions, ResumeOptions, RunCommonOptions, StepName, StateOf } from "./run/run.ts";
+export { previewResume } from "./run/preview.ts";
+export type { ResumePlan, ResumePlanStep } from "./run/preview.ts";
 export { open } from "./run/notebook.ts";
 export type { ThreadHandle } from "./run/notebook.ts";
 export { loadGraph } from "./run/load.ts";
+export { readInputFile } from "./run/input.ts";
 export type { RunTarget } from "./run/prepare.ts";
 export type { CairnMetadata } from "./run/recording.ts";
 

@@ -10,7 +10,7 @@
 import { HumanMessage, SystemMessage } from "@langchain/core/messages";
 import { z } from "zod";
 import { workflow, type StepContext } from "cairn";
-import { chatModel, EXAMPLE_PRICING } from "./lib/model.ts";
+import { chatModel, EXAMPLE_PRICING, modelName } from "./lib/model.ts";
 
 const Scene = z.object({
   index: z.number(),
@@ -54,6 +54,9 @@ function maybeFail(state: State, ctx: StepContext, detail = ""): void {
   }
 }
 
+/** The story writer's instructions. */
+const STORY_SYSTEM = "You write short moral stories.";
+
 export default workflow("moral-video", {
   state: State,
   defaultInput: { topic: "a lost wallet found on the way to school", moral: "honesty is worth more than what it costs" },
@@ -74,12 +77,18 @@ export default workflow("moral-video", {
     }
     return { research };
   })
-  .step("story_generator", async (s, ctx) => {
-    maybeFail(s, ctx);
-    const notes = s.research!.map((r) => r.notes).join(" ");
-    const text = await ask(s, ctx, "You write short moral stories.", `Write a story about ${s.topic} teaching that ${s.moral}. Notes: ${notes} [sentences:${s.sceneCount * 2}]`);
-    return { story: { title: `The ${s.topic.split(" ").slice(0, 3).join(" ")}`, text } };
-  })
+  .step(
+    "story_generator",
+    async (s, ctx) => {
+      maybeFail(s, ctx);
+      const notes = s.research!.map((r) => r.notes).join(" ");
+      const text = await ask(s, ctx, STORY_SYSTEM, `Write a story about ${s.topic} teaching that ${s.moral}. Notes: ${notes} [sentences:${s.sceneCount * 2}]`);
+      return { story: { title: `The ${s.topic.split(" ").slice(0, 3).join(" ")}`, text } };
+    },
+    // What the story depends on besides the state: edit the prompt or switch models, and a resume of a
+    // thread that already wrote its story says the story is stale instead of quietly keeping it.
+    { fingerprint: { system: STORY_SYSTEM, model: modelName() } },
+  )
   .step("script_segmenter", async (s, ctx) => {
     maybeFail(s, ctx);
     const sentences = s.story!.text.match(/[^.]+\./g) ?? [s.story!.text];

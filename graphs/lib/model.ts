@@ -61,6 +61,11 @@ export const EXAMPLE_PRICING = {
   "gpt-4o-mini": { inputPerMillion: 0.15, outputPerMillion: 0.6 },
 };
 
+/** The name of the model `chatModel()` returns: what a step's fingerprint records. */
+export function modelName(): string {
+  return process.env.OPENAI_API_KEY ? (process.env.CAIRN_OPENAI_MODEL ?? "gpt-4o-mini") : STAND_IN_MODEL;
+}
+
 /** The chat model the examples use: a hosted one when configured, else the offline stand-in. */
 export async function chatModel(options: { seed?: number; delayMs?: number } = {}): Promise<BaseChatModel> {
   if (process.env.OPENAI_API_KEY) {
@@ -71,7 +76,7 @@ export async function chatModel(options: { seed?: number; delayMs?: number } = {
     } catch {
       throw new Error("OPENAI_API_KEY is set but @langchain/openai is not installed. Run `npm install @langchain/openai`, or unset OPENAI_API_KEY to use the offline stand-in.");
     }
-    return new mod.ChatOpenAI({ model: process.env.CAIRN_OPENAI_MODEL ?? "gpt-4o-mini" });
+    return new mod.ChatOpenAI({ model: modelName() });
   }
   return new StandInChatModel(options);
 }

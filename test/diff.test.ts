@@ -30,26 +30,27 @@ describe("diffStates", () => {
     expect(diffStates(a, b)).toEqual([]);
   });
 
-  it("fields added, removed and changed, with full values and segments", () => {
+  it("fields added, removed and changed, with full values and segments, fields in code-unit order", () => {
     const changes = diffStates({ title: "Dusk", draft: "one\ntwo\n", gone: 3 }, { title: "Dawn", draft: "one\nthree\n", cover: ref("b", "cover.png") });
     expect(changes).toEqual([
-      { path: "title", segments: ["title"], kind: "changed", before: "Dusk", after: "Dawn" },
+      { path: "cover", segments: ["cover"], kind: "added", after: ref("b", "cover.png") },
       { path: "draft", segments: ["draft"], kind: "changed", before: "one\ntwo\n", after: "one\nthree\n" },
       { path: "gone", segments: ["gone"], kind: "removed", before: 3 },
-      { path: "cover", segments: ["cover"], kind: "added", after: ref("b", "cover.png") },
+      { path: "title", segments: ["title"], kind: "changed", before: "Dusk", after: "Dawn" },
     ]);
     // JSON has no `before` for added values and no `after` for removed ones.
     expect(JSON.parse(JSON.stringify(changes[2]))).toEqual({ path: "gone", segments: ["gone"], kind: "removed", before: 3 });
+    expect(JSON.parse(JSON.stringify(changes[0]))).not.toHaveProperty("before");
   });
 
   it("nested objects: changes at the keys that differ, odd keys quoted", () => {
     const a = { stats: { words: 34, scenes: 3, by: { ch1: 10 } }, meta: { "a b": 1, "x.y": true } };
     const b = { stats: { words: 41, scenes: 3, by: { ch1: 10, ch2: 5 } }, meta: { "a b": 2 } };
     expect(diffStates(a, b)).toEqual([
-      { path: "stats.words", segments: ["stats", "words"], kind: "changed", before: 34, after: 41 },
-      { path: "stats.by.ch2", segments: ["stats", "by", "ch2"], kind: "added", after: 5 },
       { path: 'meta["a b"]', segments: ["meta", "a b"], kind: "changed", before: 1, after: 2 },
       { path: 'meta["x.y"]', segments: ["meta", "x.y"], kind: "removed", before: true },
+      { path: "stats.words", segments: ["stats", "words"], kind: "changed", before: 34, after: 41 },
+      { path: "stats.by.ch2", segments: ["stats", "by", "ch2"], kind: "added", after: 5 },
     ]);
   });
 

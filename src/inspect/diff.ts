@@ -51,7 +51,8 @@ export interface StateDiff {
  * item. Pure: no store, no I/O.
  *
  * - Channels that are graph machinery rather than state (cairn's `__cairn_*`, LangGraph's `branch:…`)
- *   are ignored; a field holding `undefined` counts as absent.
+ *   are ignored; a field holding `undefined` counts as absent. Fields come in code-unit order (stores
+ *   return channels in different orders), keys inside a field in the order the values hold them.
  * - Strings, numbers, booleans, `null` and artifact references (`kind: "cairn.artifact"`, compared as a
  *   whole) are leaves: a difference is one `changed` entry with both values.
  * - Objects are compared key by key. Arrays of the same length are compared index by index; arrays whose
@@ -66,15 +67,18 @@ export interface StateDiff {
  *   { title: "Dawn", chapters: ["one", "two"], scenes: [{ prompt: "b" }] },
  * );
  * // [
- * //   { path: "title", segments: ["title"], kind: "changed", before: "Dusk", after: "Dawn" },
  * //   { path: "chapters[1]", segments: ["chapters", 1], kind: "added", after: "two" },
  * //   { path: "scenes[0].prompt", segments: ["scenes", 0, "prompt"], kind: "changed", before: "a", after: "b" },
+ * //   { path: "title", segments: ["title"], kind: "changed", before: "Dusk", after: "Dawn" },
  * // ]
  * ```
  */
 export function diffStates(a: Record<string, unknown>, b: Record<string, unknown>): StateChange[] {
   const out: StateChange[] = [];
-  const keys = unionKeys(a ?? {}, b ?? {}).filter((k) => !isInternalChannel(k));
+  // Fields in code-unit order: the order a store returns channels in differs between stores.
+  const keys = unionKeys(a ?? {}, b ?? {})
+    .filter((k) => !isInternalChannel(k))
+    .sort((p, q) => (p < q ? -1 : p > q ? 1 : 0));
   for (const k of keys) diffValue(a?.[k], b?.[k], [k], out);
   return out;
 }

@@ -7,7 +7,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { diffCheckpoints, diffStates, openStore, parseStateRef, readHistory, resume, run, type ArtifactRef, type OpenedStore, type StateChange } from "cairn";
+import { diffCheckpoints, diffStates, openStore, parseStateRef, readHistory, resume, run, stateAt, type ArtifactRef, type OpenedStore, type StateChange } from "cairn";
 import story from "./fixtures/diff-graph.ts";
 import { expectCode, rejection } from "./helpers/errors.ts";
 
@@ -200,6 +200,32 @@ describe("diffCheckpoints and parseStateRef on a file store", () => {
     const both = await rejection(diffCheckpoints(store.saver, store.uri, { thread, step: "write", checkpoint: first }, { thread }));
     expectCode(both, "INVALID_ARGUMENT");
     expect(both.message).toContain(`checkpoint "${first}" and step "write"`);
+  });
+
+  it("after restarts, a step whose checkpoint a fork copied is still found: the fork stands in for it", async () => {
+    // Each restart forks: a copy of the checkpoint before the step, given that checkpoint's parent, so
+    // the copied checkpoint (write's; illustrate's gathering) is left on the old branch.
+    const t = "forks";
+    await run(story, { thread: t, store });
+    await resume(story, { thread: t, fromStep: "illustrate", store });
+    await resume(story, { thread: t, fromStep: "summarize", store });
+    await resume(story, { thread: t, fromStep: "summarize", store });
+    const history = await readHistory(store.saver, t);
+    const forks = history.filter((e) => e.source === "fork");
+    expect(forks.map((e) => e.step)).toEqual(["restart:illustrate", "restart:summarize", "restart:summarize"]);
+
+    const afterWrite = await stateAt(store.saver, store.uri, t, { step: "write" });
+    expect(afterWrite.checkpoint).toBe(forks[0]!.id);
+    expect(afterWrite.values.title).toBe("The keeper and the storm: a lighthouse keeper");
+
+    const d = await diffCheckpoints(store.saver, store.uri, { thread: t, beforeStep: "illustrate" }, { thread: t, step: "illustrate" });
+    expect(d.a.checkpoint).toBe(forks[0]!.id);
+    expect(d.b.checkpoint).toBe(forks[2]!.id);
+    expect(d.changes.map((c) => `${c.kind} ${c.path}`)).toEqual(["added scenes[0]", "added scenes[1]", "added scenes[2]"]);
+
+    const write = await diffCheckpoints(store.saver, store.uri, { thread: t, beforeStep: "write" }, { thread: t, step: "write" });
+    expect(write.a.step).toBe("start");
+    expect(write.changes.map((c) => `${c.kind} ${c.path}`)).toEqual(["added draft", "added title"]);
   });
 
   it("parseStateRef: <thread>, <thread>@<checkpoint>, and thread ids that contain @", async () => {

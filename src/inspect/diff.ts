@@ -3,7 +3,8 @@ import { diffArrays } from "diff";
 import { CairnError } from "../errors.ts";
 import { isArtifactRef } from "../store/artifacts.ts";
 import { isInternalChannel } from "../store/steps.ts";
-import { checkCheckpointId, currentBranch, latestTuple, readHistory } from "./history.ts";
+import { branchCheckpoints, lastRunOf } from "./branch.ts";
+import { latestTuple, readHistory } from "./history.ts";
 import { stateAt, type StateAt } from "./state.ts";
 
 /** One key of a path into a state: a field or object key, or an array index. */
@@ -161,27 +162,13 @@ async function readRef(saver: BaseCheckpointSaver, storeUri: string, ref: StateR
     );
   }
   if (ref.beforeStep === undefined) return stateAt(saver, storeUri, ref.thread, { step: ref.step, checkpoint: ref.checkpoint });
-  checkCheckpointId(ref.thread, ref.checkpoint);
   // The thread first, so an unknown thread is THREAD_NOT_FOUND rather than an unknown step.
   await latestTuple(saver, ref.thread, storeUri);
   const step = ref.beforeStep;
-  const branch = currentBranch(await readHistory(saver, ref.thread));
-  let last = -1;
-  branch.forEach((e, i) => {
-    if (e.steps.includes(step)) last = i;
-  });
-  if (last === -1) {
-    const ran = [...new Set(branch.flatMap((e) => e.steps))];
-    throw new CairnError(
-      "UNKNOWN_STEP",
-      `Step "${step}" has no checkpoint in thread "${ref.thread}". Steps with checkpoints: ${ran.join(", ") || "none"}.`,
-      { thread: ref.thread, step, valid: ran },
-    );
-  }
-  let first = last;
-  while (first > 0 && branch[first - 1]!.steps.includes(step)) first -= 1;
+  const branch = await branchCheckpoints(saver, ref.thread, await readHistory(saver, ref.thread));
+  const { first } = lastRunOf(branch, ref.thread, step);
   // The checkpoint before the run is its parent, which is on the branch unless it was pruned.
-  const parent = first > 0 ? branch[first - 1]!.id : undefined;
+  const parent = first > 0 ? branch[first - 1]!.entry.id : undefined;
   if (parent === undefined) {
     throw new CairnError(
       "HISTORY_PRUNED",

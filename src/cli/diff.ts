@@ -265,7 +265,14 @@ function renderChange(r: Renderer, c: Colors, ch: StateChange): void {
     } else if (before.length <= SHORT_STRING && after.length <= SHORT_STRING) {
       r.line(`${mark} ${ch.path}: ${c.red(JSON.stringify(before))} → ${c.green(JSON.stringify(after))}`);
     } else {
-      r.line(`${mark} ${ch.path}: ${wordDiff(r, c, before, after)}`);
+      const words = diffWords(before, after);
+      const common = words.reduce((n, p) => (p.added || p.removed ? n : n + p.value.length), 0);
+      // A word diff of a rewrite is noise: show the two values instead.
+      if (common < Math.max(before.length, after.length) / 3) {
+        r.line(`${mark} ${ch.path}: rewritten (${Math.round((100 * common) / Math.max(before.length, after.length))}% in common)`);
+        r.line(`    ${c.red(`- ${r.value(before)}`)}`);
+        r.line(`    ${c.green(`+ ${r.value(after)}`)}`);
+      } else r.line(`${mark} ${ch.path}: ${wordDiff(r, c, words)}`);
     }
     return;
   }
@@ -315,8 +322,7 @@ function lineDiff(r: Renderer, c: Colors, before: string, after: string): string
  * A word diff on one line: removed words as `[-old-]`, added as `{+new+}` (in red and green on a
  * terminal, without the brackets); long unchanged stretches are cut to their ends.
  */
-function wordDiff(r: Renderer, c: Colors, before: string, after: string): string {
-  const parts = diffWords(before, after);
+function wordDiff(r: Renderer, c: Colors, parts: ReturnType<typeof diffWords>): string {
   const coloured = c.red("x") !== "x";
   return parts
     .map((p, i) => {

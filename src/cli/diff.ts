@@ -224,7 +224,10 @@ function renderField(r: Renderer, c: Colors, field: string, changes: StateChange
       if (summarized.has(key)) continue;
       summarized.add(key);
       const line = arraySummary(at, changes, diff);
-      if (line) r.line(`${c.yellow("~")} ${line}`), (shown += 1);
+      if (line) {
+        r.line(`${c.yellow("~")} ${line}`);
+        shown += 1;
+      }
     }
     renderChange(r, c, ch);
     shown += 1;

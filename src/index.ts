@@ -31,6 +31,8 @@ export { latestTuple, readHistory, savedWork, statusOf, spentInAll } from "./ins
 export type { HistoryEntry, SavedWork, ThreadStatus, ThreadSummary } from "./inspect/history.ts";
 export { stateAt, listThreads } from "./inspect/state.ts";
 export type { StateAt } from "./inspect/state.ts";
+export { diffStates, diffCheckpoints, parseStateRef } from "./inspect/diff.ts";
+export type { StateChange, StateDiff, StateRef, PathSegment } from "./inspect/diff.ts";
 
 // Stores
 export { FileCheckpointSaver, FILE_STORE_FORMAT_VERSION } from "./store/file.ts";

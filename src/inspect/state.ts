@@ -2,7 +2,8 @@ import type { BaseCheckpointSaver } from "@langchain/langgraph-checkpoint";
 import { CairnError } from "../errors.ts";
 import { visibleState } from "../store/steps.ts";
 import type { Usage } from "../workflow/usage.ts";
-import { checkCheckpointId, checkpointNotFound, currentBranch, latestTuple, readHistory, spentAt, summarizeThread, type HistoryEntry, type ThreadSummary } from "./history.ts";
+import { branchCheckpoints, lastRunOf } from "./branch.ts";
+import { checkCheckpointId, checkpointNotFound, latestTuple, readHistory, spentAt, summarizeThread, type HistoryEntry, type ThreadSummary } from "./history.ts";
 
 /** The state of a thread at one point: the latest checkpoint, after a named step, or a given checkpoint. */
 export interface StateAt {
@@ -42,16 +43,8 @@ export async function stateAt(
       entry = history.find((e) => e.id === at.checkpoint);
       if (!entry) throw checkpointNotFound(thread, at.checkpoint, storeUri);
     } else {
-      const branch = currentBranch(history);
-      entry = branch.filter((e) => e.steps.includes(at.step!)).pop();
-      if (!entry) {
-        const ran = [...new Set(branch.flatMap((e) => e.steps))];
-        throw new CairnError(
-          "UNKNOWN_STEP",
-          `Step "${at.step}" has no checkpoint in thread "${thread}". Steps with checkpoints: ${ran.join(", ") || "none"}.`,
-          { thread, step: at.step, valid: ran },
-        );
-      }
+      const branch = await branchCheckpoints(saver, thread, history);
+      entry = branch[lastRunOf(branch, thread, at.step!).last]!.entry;
     }
     id = entry.id;
   }

@@ -16,7 +16,8 @@ export type CairnErrorCode =
   | "STEP_FAILED"
   | "HISTORY_PRUNED"
   | "THREAD_LOCKED"
-  | "ARTIFACT_NOT_FOUND";
+  | "ARTIFACT_NOT_FOUND"
+  | "IMPORT_INVALID";
 
 /** Codes whose errors are the user's input at fault: the CLI exits 2 for them, before anything is written. */
 export const USAGE_ERROR_CODES: ReadonlySet<CairnErrorCode> = new Set<CairnErrorCode>([
@@ -29,6 +30,7 @@ export const USAGE_ERROR_CODES: ReadonlySet<CairnErrorCode> = new Set<CairnError
   "GRAPH_LOAD_FAILED",
   "UNSUPPORTED_STORE",
   "HISTORY_PRUNED",
+  "IMPORT_INVALID",
 ]);
 
 export interface CairnErrorDetails {

@@ -39,6 +39,7 @@ export interface ExportSource {
   kind: string;
 }
 
+/** What to export and how: {@link exportThread}, {@link writeThreadExport}. */
 export interface ExportOptions {
   /** Export only this checkpoint (of the thread's root namespace) and its pending writes: it becomes the imported thread's root. */
   checkpoint?: string;

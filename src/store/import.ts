@@ -31,6 +31,7 @@ export interface ImportTarget {
   uri: string;
 }
 
+/** How to import: {@link importThread}. */
 export interface ImportOptions {
   /** The thread's id in the target store; default the exported thread's id. Must not exist there yet. */
   thread?: string;

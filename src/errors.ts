@@ -18,7 +18,8 @@ export type CairnErrorCode =
   | "THREAD_LOCKED"
   | "ARTIFACT_NOT_FOUND"
   | "FINGERPRINT_MISMATCH"
-  | "STATE_SCHEMA_MISMATCH";
+  | "STATE_SCHEMA_MISMATCH"
+  | "IMPORT_INVALID";
 
 /** Codes whose errors are the user's input at fault: the CLI exits 2 for them, before anything is written. */
 export const USAGE_ERROR_CODES: ReadonlySet<CairnErrorCode> = new Set<CairnErrorCode>([
@@ -33,6 +34,7 @@ export const USAGE_ERROR_CODES: ReadonlySet<CairnErrorCode> = new Set<CairnError
   "HISTORY_PRUNED",
   "FINGERPRINT_MISMATCH",
   "STATE_SCHEMA_MISMATCH",
+  "IMPORT_INVALID",
 ]);
 
 export interface CairnErrorDetails {

@@ -34,6 +34,14 @@ export type { StateAt } from "./inspect/state.ts";
 export { diffStates, diffCheckpoints, parseStateRef } from "./inspect/diff.ts";
 export type { StateChange, StateDiff, StateRef, PathSegment } from "./inspect/diff.ts";
 
+// Moving threads between stores
+export { exportThread, writeThreadExport, EXPORT_INLINE_LIMIT } from "./inspect/export.ts";
+export type { ExportOptions, ExportSource, ExportSummary } from "./inspect/export.ts";
+export { importThread } from "./store/import.ts";
+export type { ImportOptions, ImportSummary, ImportTarget } from "./store/import.ts";
+export { readThreadExport, THREAD_DOCUMENT_FORMAT, THREAD_DOCUMENT_VERSION } from "./store/thread-document.ts";
+export type { ThreadExport, ThreadDocument, ExportedCheckpoint, ExportedWrite, ExportedArtifact, TypedValue } from "./store/thread-document.ts";
+
 // Stores
 export { FileCheckpointSaver, FILE_STORE_FORMAT_VERSION } from "./store/file.ts";
 export type { FileCheckpointSaverOptions } from "./store/file.ts";

@@ -202,30 +202,43 @@ describe("diffCheckpoints and parseStateRef on a file store", () => {
     expect(both.message).toContain(`checkpoint "${first}" and step "write"`);
   });
 
-  it("after restarts, a step whose checkpoint a fork copied is still found: the fork stands in for it", async () => {
-    // Each restart forks: a copy of the checkpoint before the step, given that checkpoint's parent, so
-    // the copied checkpoint (write's; illustrate's gathering) is left on the old branch.
-    const t = "forks";
+  it("after restarts, each step is still found on the current branch, and before/after a restarted step compare", async () => {
+    // A restart writes a checkpoint after the one before the step (as the step that produced it, so the
+    // current routing decides what runs next): the earlier steps' checkpoints stay on the branch.
+    const t = "restarts";
     await run(story, { thread: t, store });
     await resume(story, { thread: t, fromStep: "illustrate", store });
     await resume(story, { thread: t, fromStep: "summarize", store });
     await resume(story, { thread: t, fromStep: "summarize", store });
     const history = await readHistory(store.saver, t);
-    const forks = history.filter((e) => e.source === "fork");
-    expect(forks.map((e) => e.step)).toEqual(["restart:illustrate", "restart:summarize", "restart:summarize"]);
+    const restarts = history.filter((e) => e.step.startsWith("restart:"));
+    expect(restarts.map((e) => e.step)).toEqual(["restart:illustrate", "restart:summarize", "restart:summarize"]);
 
     const afterWrite = await stateAt(store.saver, store.uri, t, { step: "write" });
-    expect(afterWrite.checkpoint).toBe(forks[0]!.id);
+    expect(afterWrite.step).toBe("write");
     expect(afterWrite.values.title).toBe("The keeper and the storm: a lighthouse keeper");
 
     const d = await diffCheckpoints(store.saver, store.uri, { thread: t, beforeStep: "illustrate" }, { thread: t, step: "illustrate" });
-    expect(d.a.checkpoint).toBe(forks[0]!.id);
-    expect(d.b.checkpoint).toBe(forks[2]!.id);
+    expect(d.a.checkpoint).toBe(restarts[0]!.id);
+    expect(d.b.step).toBe("illustrate");
     expect(d.changes.map((c) => `${c.kind} ${c.path}`)).toEqual(["added scenes[0]", "added scenes[1]", "added scenes[2]"]);
 
     const write = await diffCheckpoints(store.saver, store.uri, { thread: t, beforeStep: "write" }, { thread: t, step: "write" });
     expect(write.a.step).toBe("start");
     expect(write.changes.map((c) => `${c.kind} ${c.path}`)).toEqual(["added draft", "added title"]);
+  });
+
+  it("after a resume from a checkpoint (a fork, a copy of it), the step that made the copied state is still found", async () => {
+    const t = "forks";
+    await run(story, { thread: t, store });
+    const first = await readHistory(store.saver, t);
+    const afterWrite = first.find((e) => e.step === "write")!;
+    await resume(story, { thread: t, checkpoint: afterWrite.id, store });
+    const forks = (await readHistory(store.saver, t)).filter((e) => e.source === "fork");
+    expect(forks).toHaveLength(1);
+    const found = await stateAt(store.saver, store.uri, t, { step: "write" });
+    expect(found.checkpoint).toBe(forks[0]!.id);
+    expect(found.values.title).toBe("The keeper and the storm: a lighthouse keeper");
   });
 
   it("parseStateRef: <thread>, <thread>@<checkpoint>, and thread ids that contain @", async () => {

@@ -252,7 +252,8 @@ describe.each(storeCases)("fingerprints on the $name store", (sc) => {
     const restart = await previewResume(demo(), { thread: "preview", store, fromStep: "plan" });
     expect(restart.steps.map((s) => [s.step, s.action, s.reason])).toEqual([
       ["plan", "run", "restarted"],
-      ["sections", "later", "never ran"],
+      // In progress on the branch a restart leaves behind: it runs again in full.
+      ["sections", "later", "restarted"],
       ["write", "later", "never ran"],
     ]);
     const refused = await previewResume(demo({ prompt: "other" }), { thread: "preview", store });

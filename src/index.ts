@@ -21,6 +21,8 @@ export { open } from "./run/notebook.ts";
 export type { ThreadHandle } from "./run/notebook.ts";
 export { loadGraph } from "./run/load.ts";
 export type { RunTarget } from "./run/prepare.ts";
+export { workflowDiagram, threadSteps, graphSteps } from "./run/diagram.ts";
+export type { StepStatus, StepOnThread, ThreadSteps } from "./run/diagram.ts";
 export type { CairnMetadata } from "./run/recording.ts";
 
 // Reading

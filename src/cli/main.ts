@@ -1,6 +1,7 @@
 import { createLogUpdate } from "log-update";
 import { isCairnError, USAGE_ERROR_CODES } from "../index.ts";
 import { artifactsCommand, usage as artifactsUsage } from "./artifacts.ts";
+import { graphCommand, usage as graphUsage } from "./graph.ts";
 import { historyCommand, usage as historyUsage } from "./history.ts";
 import { inspectCommand, usage as inspectUsage } from "./inspect.ts";
 import type { Io } from "./render.ts";
@@ -15,12 +16,13 @@ const COMMANDS: Record<string, (argv: string[], io: Io) => Promise<number>> = {
   history: historyCommand,
   inspect: inspectCommand,
   artifacts: artifactsCommand,
+  graph: graphCommand,
 };
 
 const HELP = `cairn — durable checkpoints, resume and restart-from-step for long AI generation pipelines
 
 Commands:
-${[runUsage, resumeUsage, threadsUsage, historyUsage, inspectUsage, artifactsUsage].map((u) => `  ${u.split("\n")[0]}`).join("\n")}
+${[runUsage, resumeUsage, threadsUsage, historyUsage, inspectUsage, artifactsUsage, graphUsage].map((u) => `  ${u.split("\n")[0]}`).join("\n")}
 
 Every command takes --store <uri> (file:<dir>, sqlite:<path>, postgres://…; default $CAIRN_STORE or file:.cairn),
 --json, --verbose (stack traces) and --help.`;

@@ -332,16 +332,16 @@ class Chart {
 const indent = (line: string) => `  ${line}`;
 
 /**
- * Text safe inside a quoted Mermaid label: characters Mermaid would read as markup or syntax become entity
- * codes (`#34;`, `#35;` …), which it turns back into the characters when it draws. Line breaks become
- * spaces. Three words get one letter as a code, because Mermaid reads whole lines before it reads quotes:
- * a line holding "direction LR" is a direction statement, and on a line holding "style" or "classDef" its
- * entity pass drops the last ";" (which would break the last entity code).
+ * Text safe inside a quoted Mermaid label: characters Mermaid would read as markup or syntax (and ";",
+ * which ends a statement) become entity codes (`#34;`, `#35;` …), which it turns back into the characters
+ * when it draws. Line breaks become spaces. Three words get one letter as a code, because Mermaid reads
+ * whole lines before it reads quotes: a line holding "direction LR" is a direction statement, and on a
+ * line holding "style" or "classDef" its entity pass drops the last ";" (breaking the last entity code).
  */
 function escapeLabel(text: string): string {
   return text
     .replace(/[\r\n]+/g, " ")
-    .replace(/[#"<>&%`]/g, (c) => `#${c.charCodeAt(0)};`)
+    .replace(/[#"<>&%`;]/g, (c) => `#${c.charCodeAt(0)};`)
     .replace(/direction/g, "d#105;rection")
     .replace(/style/g, "st#121;le")
     .replace(/classDef/g, "cl#97;ssDef");

@@ -225,4 +225,4 @@ export default workflow("novel", {
     ctx.log(`wrote ${path}: ${s.edited.length} chapters, ${words} words`);
     return { book: { path, chapters: s.edited.length, words, bytes: Buffer.byteLength(markdown) } };
   })
-  .route("write_chapter", (s) => (s.chapters.length < s.plan.length ? "write_chapter" : "edit_chapters"));
+  .route("write_chapter", (s) => (s.chapters.length < s.plan.length ? "write_chapter" : "edit_chapters"), { targets: ["write_chapter", "edit_chapters"] });

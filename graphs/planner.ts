@@ -275,4 +275,4 @@ export default workflow("planner", {
     ctx.log(`wrote ${path}`);
     return { report: { path, tasks: s.tasks.length, waves: s.waves } };
   })
-  .route("record", (s) => (Object.keys(s.done).length < s.tasks.length ? "execute" : "summarize"));
+  .route("record", (s) => (Object.keys(s.done).length < s.tasks.length ? "execute" : "summarize"), { targets: ["execute", "summarize"] });

@@ -233,7 +233,7 @@ export default workflow("spritesheet", {
     ctx.log(`wrote ${sheetPath} (${width}×${height} px, ${s.rows.length} rows; ${images} images generated) and ${name}-sheet.json`);
     return { sheet, sheetPath };
   })
-  .route("gate", (s) => (s.todo.length ? "generate_rows" : "assemble_sheet"));
+  .route("gate", (s) => (s.todo.length ? "generate_rows" : "assemble_sheet"), { targets: ["generate_rows", "assemble_sheet"] });
 
 /**
  * The stand-in image model: takes `delayMs`, as a real call takes seconds, and is charged per image.

@@ -24,6 +24,8 @@ export type { ThreadHandle } from "./run/notebook.ts";
 export { loadGraph } from "./run/load.ts";
 export { readInputFile } from "./run/input.ts";
 export type { RunTarget } from "./run/prepare.ts";
+export { workflowDiagram, threadSteps, graphSteps } from "./run/diagram.ts";
+export type { StepStatus, StepOnThread, ThreadSteps } from "./run/diagram.ts";
 export type { CairnMetadata } from "./run/recording.ts";
 
 // Reading

@@ -3,6 +3,7 @@ import { isCairnError, USAGE_ERROR_CODES } from "../index.ts";
 import { artifactsCommand, usage as artifactsUsage } from "./artifacts.ts";
 import { diffCommand, usage as diffUsage } from "./diff.ts";
 import { exportCommand, usage as exportUsage } from "./export.ts";
+import { graphCommand, usage as graphUsage } from "./graph.ts";
 import { historyCommand, usage as historyUsage } from "./history.ts";
 import { importCommand, usage as importUsage } from "./import.ts";
 import { inspectCommand, usage as inspectUsage } from "./inspect.ts";
@@ -21,12 +22,13 @@ const COMMANDS: Record<string, (argv: string[], io: Io) => Promise<number>> = {
   diff: diffCommand,
   export: exportCommand,
   import: importCommand,
+  graph: graphCommand,
 };
 
 const HELP = `cairn — durable checkpoints, resume and restart-from-step for long AI generation pipelines
 
 Commands:
-${[runUsage, resumeUsage, threadsUsage, historyUsage, inspectUsage, artifactsUsage, diffUsage, exportUsage, importUsage].map((u) => `  ${u.split("\n")[0]}`).join("\n")}
+${[runUsage, resumeUsage, threadsUsage, historyUsage, inspectUsage, artifactsUsage, diffUsage, graphUsage, exportUsage, importUsage].map((u) => `  ${u.split("\n")[0]}`).join("\n")}
 
 Every command takes --store <uri> (file:<dir>, sqlite:<path>, postgres://…; default $CAIRN_STORE or file:.cairn),
 --json, --verbose (stack traces) and --help.`;

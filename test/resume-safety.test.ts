@@ -408,3 +408,85 @@ describe("cairn resume after changes (CLI)", () => {
     expect(await readFile(join(cwd, "story.yaml"), "utf8")).toContain("courage");
   }, 300_000);
 });
+
+// -------------------------------------------------------------------------------------------------
+// Loops, fan-outs and schema changes under migration
+
+describe("changes to loops, fan-outs and completed threads", () => {
+  let store: OpenedStore;
+  beforeAll(async () => {
+    const dir = await mkdtemp(join(tmpdir(), "cairn-safety-more-"));
+    dirs.push(dir);
+    store = await openStore(`file:${dir}`);
+  });
+  afterAll(() => store.close());
+
+  const Book = z.object({ n: z.number().default(4), chapters: appendList(z.string()), tone: z.string().optional() });
+  const book = (prompt: string, failAt?: number) =>
+    workflow("loop-book", { state: Book, defaultInput: {} })
+      .step(
+        "write",
+        async (s) => {
+          if (failAt !== undefined && s.chapters.length === failAt) throw new Error(`chapter ${failAt + 1} failed`);
+          return { chapters: [`ch${s.chapters.length + 1} (${prompt})`] };
+        },
+        { fingerprint: { prompt }, retry: false },
+      )
+      .route("write", (s) => (s.chapters.length < s.n ? "write" : "end"), { targets: ["write", "end"] });
+
+  it("a loop step due again is checked too: its earlier passes are stale when its fingerprint changed", async () => {
+    expectCode(await rejection(run(book("v1", 2), { thread: "loop", store })), "STEP_FAILED");
+    const error = await rejection(resume(book("v2"), { thread: "loop", store }));
+    expectCode(error, "FINGERPRINT_MISMATCH");
+    expect(error.details.stale).toEqual(["write"]);
+    expect(error.details.fromStep).toBe("write");
+    const result = await resume(book("v2"), { thread: "loop", store, fromStep: "write" });
+    expect(result.state.chapters).toEqual(["ch1 (v2)", "ch2 (v2)", "ch3 (v2)", "ch4 (v2)"]);
+  });
+
+  it("a step appended after a thread completed runs on a plain resume", async () => {
+    await run(demo(), { thread: "appended-late", store });
+    const notices: string[] = [];
+    const ran: string[] = [];
+    const result = await resume(demo({ append: true, ran }), { thread: "appended-late", store, onStart: (i) => notices.push(...i.notices) });
+    expect(result.status).toBe("completed");
+    expect(ran).toEqual(["polish"]);
+    expect(result.state.extra).toMatch(/!$/);
+    expect(notices.join("\n")).toContain(`the workflow now goes on after "write": polish will run`);
+    // A loop whose route ends the workflow stays completed: the new step is not on its path.
+    await run(book("v1"), { thread: "route-ends", store });
+    const longer = book("v1").step("blurb", async (s) => ({ tone: `a book of ${s.chapters.length} chapters` }));
+    expect((await resume(longer, { thread: "route-ends", store })).status).toBe("already-completed");
+  });
+
+  const Parts = z.object({ parts: appendList(z.string()), label: z.string().optional() });
+  const PartsV2 = z.object({ parts: appendList(z.string()), label: z.object({ text: z.string() }).optional(), style: z.string().default("plain") });
+  it("a migration inside a fan-out reruns the saved items once each, never twice", async () => {
+    const v1 = workflow("parts", { state: Parts, version: "1" })
+      .step("name", async () => ({ label: "parts" }))
+      .map("make", { over: () => [0, 1, 2, 3], run: async (i: number) => { if (i === 2) throw new Error("item 2 failed"); return `p${i}`; }, into: "parts", retry: false });
+    expectCode(await rejection(run(v1, { thread: "migrate-fanout", store })), "STEP_FAILED");
+    const v2 = workflow("parts", { state: PartsV2, version: "2", migrate: (old) => ({ ...old, label: { text: String(old.label) } }) })
+      .step("name", async () => ({ label: { text: "parts" } }))
+      .map("make", { over: () => [0, 1, 2, 3], run: async (i: number) => `p${i}`, into: "parts" });
+    const result = await resume(v2, { thread: "migrate-fanout", store, force: true });
+    expect(result.state).toEqual({ parts: ["p0", "p1", "p2", "p3"], label: { text: "parts" }, style: "plain" });
+  });
+
+  it("a field the schema now defaults is filled in, and is not mistaken for a changed input", async () => {
+    const V1 = z.object({ topic: z.string().default("tides"), out: z.string().optional() });
+    const V2 = V1.extend({ tone: z.string().default("plain") });
+    const first = (fail: boolean) =>
+      workflow("defaults", { state: V1 }).step("a", async () => ({})).step("b", async (s) => {
+        if (fail) throw new Error("b failed");
+        return { out: s.topic };
+      }, { retry: false });
+    expectCode(await rejection(run(first(true), { thread: "defaults", store })), "STEP_FAILED");
+    const second = workflow("defaults", { state: V2 }).step("a", async () => ({})).step("b", async (s) => ({ out: `${s.topic}, ${s.tone}` }));
+    const notices: string[] = [];
+    const result = await resume(second, { thread: "defaults", store, onStart: (i) => notices.push(...i.notices) });
+    expect(result.state).toEqual({ topic: "tides", tone: "plain", out: "tides, plain" });
+    expect(notices.join("\n")).toContain("filled in fields the schema now gives defaults (fields: tone)");
+    expect(notices.join("\n")).not.toContain("input");
+  });
+});

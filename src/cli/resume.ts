@@ -33,7 +33,7 @@ export async function resumeCommand(argv: string[], io: Io): Promise<number> {
   const budgetUsd = budgetOption(values["budget-usd"]);
   const input = await readInput(values.input, process.cwd());
   const target = await loadGraph(file);
-  const common = { thread: values.thread, fromStep: values["from-step"], checkpoint: values.checkpoint, store: values.store, force: values.force, input: input?.value };
+  const common = { thread: values.thread, fromStep: values["from-step"], checkpoint: values.checkpoint, store: values.store, force: values.force, input: input?.value, inputSource: input?.source };
   try {
     if (values["dry-run"]) return renderPreview(io, await previewResume(target, common), { file, store: values.store, json: values.json });
     return await resumeSession(io, file, values, budgetUsd, target, common);

@@ -33,6 +33,8 @@ export interface FingerprintRecord {
   shape?: string[];
   /** Hash of the workflow's declared `fingerprint` (on the first checkpoint each run writes). */
   config?: string;
+  /** The checkpoint that carries this record's readable detail (on the checkpoints after it). */
+  detailAt?: string;
   /** Hash of each input field (on the first checkpoint each run writes). */
   inputFields?: Record<string, string>;
   /**
@@ -122,8 +124,9 @@ export function recordedFingerprint(tuple: CheckpointTuple | undefined): Fingerp
 }
 
 /** The hashes every checkpoint carries (the detail rides only on the first one of each run). */
-export function compactFingerprint(record: FingerprintRecord): FingerprintRecord {
+export function compactFingerprint(record: FingerprintRecord, detailAt?: string): FingerprintRecord {
   const out: FingerprintRecord = { structure: record.structure, input: record.input };
+  if (detailAt !== undefined) out.detailAt = detailAt;
   if (record.version !== undefined) out.version = record.version;
   if (record.inputSource !== undefined) out.inputSource = record.inputSource;
   return out;
@@ -164,7 +167,7 @@ export function compareFingerprints(
   detail: FingerprintRecord | undefined,
   current: CurrentFingerprint,
   currentInput: { checked: boolean },
-  /** Steps finished on the branch, in the order they first finished, not counting those due again. */
+  /** Steps finished on the branch, in the order they first finished (a loop step due again included). */
   finished: string[],
 ): FingerprintReport {
   const wf = isWorkflow(target) ? (target as Workflow<any, string>) : undefined;
@@ -281,8 +284,10 @@ export function describeShapeChange(before: string[], after: string[]): string[]
 }
 
 function describeLineChange(before: string, after: string): string {
-  const name = before.split(" ")[0];
-  return `"${name}" changed: ${before.slice(name!.length + 1)} → ${after.slice(name!.length + 1)}`;
+  const name = before.split(" ")[0]!;
+  const was = before.slice(name.length).trim() || "(no edges)";
+  const now = after.slice(name.length).trim() || "(no edges)";
+  return `"${name}" changed: was ${JSON.stringify(was)}, now ${JSON.stringify(now)}`;
 }
 
 /** The index of the first line that differs (the length of the shorter list when one is a prefix). */

@@ -20,7 +20,7 @@ import {
   type FingerprintReport,
 } from "./fingerprint.ts";
 import { readInputFile } from "./input.ts";
-import { parseInput, type PreparedRun, type RunTarget } from "./prepare.ts";
+import { rawInput, type PreparedRun, type RunTarget } from "./prepare.ts";
 
 /**
  * What a resume checks before it writes anything: that the workflow and input the thread's work was
@@ -42,9 +42,14 @@ export interface FingerprintCheck {
 
 export interface GuardOptions {
   fromStep?: string;
+  checkpoint?: string;
   force?: boolean;
   input?: unknown;
+  inputSource?: string;
 }
+
+/** The input hash of a thread whose input is not known (saved before cairn recorded fingerprints). */
+const UNKNOWN_INPUT = "unknown";
 
 /**
  * Compare the thread's recorded fingerprint (at `at`, the checkpoint the resume continues from) with the
@@ -57,33 +62,42 @@ export async function checkFingerprint(target: RunTarget, store: OpenedStore, th
   let checked = false;
   let source = recorded?.inputSource;
   if (options.input !== undefined) {
-    input = parseInput(target, options.input);
+    input = rawInput(target, options.input);
     checked = true;
-    source = "given";
+    source = options.inputSource ?? "given";
   } else if (source?.startsWith("file:")) {
     const path = source.slice("file:".length);
     if (existsSync(path)) {
-      input = parseInput(target, await readInputFile(path));
-      checked = true;
+      try {
+        input = rawInput(target, await readInputFile(path));
+        checked = true;
+      } catch (error) {
+        notices.push(`the input file ${path} this thread was started from cannot be read now (${error instanceof Error ? error.message : String(error)}), so the input was not checked`);
+      }
     } else {
       notices.push(`the input file ${path} this thread was started from is gone, so the input was not checked`);
     }
   } else if (source === "default") {
-    input = parseInput(target, undefined);
+    input = rawInput(target, undefined);
     checked = true;
   }
   const current = currentFingerprint(target, input, source);
-  if (!recorded) return { current, recorded, report: undefined, notices, refusal: undefined };
-  if (!checked) {
-    // Keep the thread's own record of its input: it was not compared, so it must not be replaced.
-    current.record.input = recorded.input;
+  if (!recorded || recorded.input === UNKNOWN_INPUT || !checked) {
+    // What the input was is not known (a thread saved before cairn kept fingerprints, or an input that
+    // cannot be re-read): keep the thread's own record, or mark it unknown, never a hash of nothing.
+    current.record.input = recorded?.input ?? UNKNOWN_INPUT;
     delete current.record.inputFields;
+    checked = checked && recorded !== undefined && recorded.input !== UNKNOWN_INPUT;
   }
-
+  if (!recorded) {
+    notices.push("this thread was saved before cairn recorded fingerprints: changes to the workflow or input since then cannot be detected");
+    return { current, recorded, report: undefined, notices, refusal: undefined };
+  }
   const changed = recorded.structure !== current.record.structure || (checked && recorded.input !== current.record.input);
   const detail = changed ? await findDetail(store, thread, at, recorded) : recorded.shape ? recorded : undefined;
   const finished = await finishedSteps(target, store, thread, at, changed);
   const report = compareFingerprints(target, at, recorded, detail, current, { checked }, finished);
+  const wf = isWorkflow(target) ? target : undefined;
   const lines = [...report.structure, ...report.input, ...report.stale.map((s) => `step "${s}" is stale: what it declares it depends on (its fingerprint) changed since it ran`)];
   if (lines.length === 0) return { current, recorded, report, notices, refusal: undefined };
 
@@ -100,7 +114,8 @@ export async function checkFingerprint(target: RunTarget, store: OpenedStore, th
   // A thread with nothing left to do runs nothing on a plain resume: there is nothing to refuse.
   const completed = fromStep === undefined && report.missingDue.length === 0 && dueSteps(target, at).length === 0 && (at.pendingWrites ?? []).length === 0 && at.metadata?.source !== "input";
   if (completed) refuse = false;
-  const refusal = refuse ? mismatchError(thread, report, lines, finished, source) : undefined;
+  const migrates = wf?.migrate !== undefined && report.structure.every((l) => l.startsWith("version "));
+  const refusal = refuse ? mismatchError(thread, report, lines, finished, source, { checkpoint: options.checkpoint, migrates }) : undefined;
   if (refuse && options.force && report.missingDue.length === 0) {
     notices.push(`resuming with --force although the workflow or input changed: ${lines.join("; ")}`);
     return { current, recorded, report, notices, refusal: undefined };
@@ -113,6 +128,10 @@ export async function checkFingerprint(target: RunTarget, store: OpenedStore, th
 /** The fingerprint that carries the readable detail for `recorded` (its own, or the run's first checkpoint's). */
 async function findDetail(store: OpenedStore, thread: string, at: CheckpointTuple, recorded: FingerprintRecord): Promise<FingerprintRecord | undefined> {
   if (recorded.shape) return recorded;
+  if (recorded.detailAt) {
+    const fp = recordedFingerprint(await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: recorded.detailAt } }));
+    if (fp?.shape) return fp;
+  }
   for await (const t of store.saver.list({ configurable: { thread_id: thread, checkpoint_ns: "" } }, { before: at.config })) {
     const fp = recordedFingerprint(t);
     if (fp?.shape && fp.structure === recorded.structure && fp.input === recorded.input) return fp;
@@ -120,19 +139,29 @@ async function findDetail(store: OpenedStore, thread: string, at: CheckpointTupl
   return undefined;
 }
 
-/** Steps finished on the branch of `at`, not counting those due again, in the order they finished. */
+/**
+ * Steps finished on the branch of `at`, in the order they first finished. A step due again (a loop)
+ * counts: its earlier runs are kept, so a change to it affects them.
+ */
 async function finishedSteps(target: RunTarget, store: OpenedStore, thread: string, at: CheckpointTuple, needed: boolean): Promise<string[]> {
-  const due = new Set(dueSteps(target, at));
-  if (isWorkflow(target)) return finishedOn(at).filter((s) => !due.has(s));
+  if (isWorkflow(target)) return finishedOn(at);
   // A plain graph keeps no record in its state: read the branch (only when something changed).
   if (!needed) return [];
   const branch = branchOf(await readHistory(store.saver, thread), at.checkpoint.id);
   const steps: string[] = [];
-  for (const e of branch) for (const s of e.steps) if (!steps.includes(s) && !due.has(s)) steps.push(s);
+  for (const e of branch) for (const s of e.steps) if (!steps.includes(s)) steps.push(s);
   return steps;
 }
 
-function mismatchError(thread: string, report: FingerprintReport, lines: string[], finished: string[], source: string | undefined): CairnError {
+function mismatchError(
+  thread: string,
+  report: FingerprintReport,
+  lines: string[],
+  finished: string[],
+  source: string | undefined,
+  how: { checkpoint?: string; migrates: boolean },
+): CairnError {
+  const at = how.checkpoint === undefined ? "" : ` --checkpoint ${how.checkpoint}`;
   const newInput = report.input.length && source?.startsWith("file:") ? ` --input @${source.slice("file:".length)}` : "";
   const ways: string[] = [];
   if (report.missingDue.length > 0) {
@@ -149,7 +178,11 @@ function mismatchError(thread: string, report: FingerprintReport, lines: string[
   if (report.firstAffected !== undefined && report.input.length === 0) {
     ways.push(`  cairn resume … --thread ${thread} --from-step ${report.firstAffected}   rerun from the first affected step (earlier finished steps are kept)`);
   }
-  ways.push(`  cairn resume … --thread ${thread} --force   resume anyway, keeping every finished step as it is`);
+  ways.push(
+    how.migrates
+      ? `  cairn resume … --thread ${thread}${at} --force   resume under the new version: the workflow's migrate() brings the saved state up to date`
+      : `  cairn resume … --thread ${thread}${at} --force   resume anyway, keeping every finished step as it is`,
+  );
   ways.push(`  cairn run …${newInput} --thread <new-id>   start a new thread${report.input.length ? " with the new input" : ""}`);
   const message =
     `Thread "${thread}" was saved under a different workflow or input than it would resume with now:\n` +
@@ -175,6 +208,8 @@ export interface Migration {
   to: string | undefined;
   /** Saved fan-out items that a migration makes run again (their task ids change with the checkpoint). */
   itemsLost: number;
+  /** Only fields the schema now defaults were filled in (no `migrate` involved). */
+  defaultsOnly?: boolean;
 }
 
 /**
@@ -188,7 +223,17 @@ export function migrationFor(wf: Workflow<any, string>, tuple: CheckpointTuple, 
   const fromInput = !Object.keys(wf.schema.shape).some((k) => k in values) && typeof values["__start__"] === "object";
   const saved = fromInput ? { ...(values["__start__"] as Record<string, unknown>) } : visibleState(values);
   const parsed = wf.schema.safeParse(saved);
-  if (parsed.success) return undefined;
+  const itemsLost = new Set((tuple.pendingWrites ?? []).filter(([, ch]) => ch !== "__error__").map(([task]) => task)).size;
+  if (parsed.success) {
+    // Filling defaults is not worth rerunning saved fan-out items: it waits for the next step boundary.
+    if (itemsLost > 0) return undefined;
+    // Fields the schema now gives a default for, absent from the saved state: write the defaults, or
+    // the steps would read undefined where the type promises a value.
+    const changes: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(parsed.data as Record<string, unknown>)) if (!(k in saved) && v !== undefined) changes[k] = v;
+    if (Object.keys(changes).length === 0) return undefined;
+    return { changes, from: recorded?.version, to: wf.version, itemsLost: 0, defaultsOnly: true };
+  }
   // Saved fields the schema no longer declares are handed to migrate() too, so it can carry them over.
   const undeclared = Object.keys(saved).filter((k) => saved[k] !== undefined && !(k in wf.schema.shape));
   const from = recorded?.version;
@@ -234,7 +279,6 @@ export function migrationFor(wf: Workflow<any, string>, tuple: CheckpointTuple, 
   for (const [k, v] of Object.entries(next)) if (!(k in saved) || hashOf(saved[k]) !== hashOf(v)) changes[k] = v;
   // A declared field migrate() left out is unset; undeclared ones have no channel in the graph to write.
   for (const k of Object.keys(saved)) if (!(k in next) && k in wf.schema.shape) changes[k] = undefined;
-  const itemsLost = new Set((tuple.pendingWrites ?? []).filter(([, ch]) => ch !== "__error__").map(([task]) => task)).size;
   return { changes, from, to: wf.version, itemsLost };
 }
 
@@ -242,21 +286,21 @@ export function migrationFor(wf: Workflow<any, string>, tuple: CheckpointTuple, 
  * Save the migrated state as a new checkpoint (labelled `migrate`) attributed to the step that produced
  * the current one, so the workflow's routing continues where it stood. Returns a notice for the user.
  */
-export async function applyMigration(prepared: PreparedRun, thread: string, migration: Migration): Promise<string> {
+export async function applyMigration(prepared: PreparedRun, head: CheckpointTuple, migration: Migration, producer?: string): Promise<string> {
   const wf = prepared.workflow!;
-  const config = { configurable: { thread_id: thread } };
-  const head = await prepared.graph.getState(config);
-  const values = head.values as Record<string, unknown>;
   const produced = (head.metadata as { cairn?: { steps?: string[] } } | undefined)?.cairn?.steps ?? [];
-  const done = (values[DONE_CHANNEL] as string[] | undefined) ?? [];
-  const last = produced.filter((s) => wf.steps.includes(s)).pop() ?? done.filter((s) => wf.steps.includes(s)).pop();
+  const done = ((head.checkpoint.channel_values as Record<string, unknown>)[DONE_CHANNEL] as string[] | undefined) ?? [];
+  const last = produced.filter((s) => wf.steps.includes(s)).pop() ?? producer ?? done.filter((s) => wf.steps.includes(s)).pop();
   const update: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(migration.changes)) update[k] = v !== undefined && prepared.isReducer(k) ? new Overwrite(v) : v;
   prepared.saver.nextLabel = "migrate";
-  await prepared.graph.updateState(config, update, last === undefined ? START : wf.lastNodeOf(last));
+  // The head's own id: LangGraph then neither folds its pending writes (saved fan-out items) into the
+  // state nor re-sends them; the items rerun, as the notice says.
+  await prepared.graph.updateState(head.config, update, last === undefined ? START : wf.lastNodeOf(last));
   const fields = Object.keys(migration.changes);
   const lost = migration.itemsLost ? ` ${migration.itemsLost} saved fan-out item(s) of the step in progress run again.` : "";
-  return `migrated the saved state from version ${migration.from ?? "(none)"} to ${migration.to ?? "(none)"} (fields: ${fields.join(", ") || "none"}).${lost}`;
+  const how = migration.defaultsOnly ? "filled in fields the schema now gives defaults" : `migrated the saved state from version ${migration.from ?? "(none)"} to ${migration.to ?? "(none)"}`;
+  return `${how} (fields: ${fields.join(", ") || "none"}).${lost}`;
 }
 
 export function isRefusal(error: unknown): boolean {

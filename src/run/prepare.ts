@@ -134,3 +134,14 @@ export function parseInput(target: RunTarget, input: unknown): unknown {
   }
   return input ?? {};
 }
+
+/**
+ * The input as given, laid over a workflow's `defaultInput`, before the schema parses it: what a thread's
+ * input fingerprint is taken from, so a schema change (a new default) is not mistaken for a new input.
+ */
+export function rawInput(target: RunTarget, input: unknown): unknown {
+  if (!isWorkflow(target)) return input ?? {};
+  const given = input === undefined ? {} : input;
+  if (typeof given !== "object" || given === null || Array.isArray(given)) return given;
+  return { ...(target.defaultInput ?? {}), ...given };
+}

@@ -126,6 +126,8 @@ export async function previewResume<T extends RunTarget>(target: T, options: Res
       for (const [task, channel, value] of dueAt.pendingWrites ?? []) if (channel === USAGE_CHANNEL) usageByTask.set(task, addUsage(usageByTask.get(task), value as Usage));
       for (const task of snapshot.tasks) {
         nodeOfTask.set(task.id, task.name);
+        // A fan-out's gather task is not one of its items.
+        if (wf && task.name !== stepOf(task.name)) continue;
         const step = stepOf(task.name);
         const t = tasks.get(step) ?? { total: 0, saved: 0, failed: 0, spent: NO_USAGE };
         t.total += 1;
@@ -141,9 +143,13 @@ export async function previewResume<T extends RunTarget>(target: T, options: Res
         }
         tasks.set(step, t);
       }
-      dueNames = [...new Set(snapshot.next.map(stepOf))];
+      // Before the first step the graph's entry is due: the first step runs (unless its `when` skips it).
+      dueNames = [...new Set(snapshot.next.map((n) => (n === "__start__" ? steps[0]! : stepOf(n))))];
       if (fromStep !== undefined && restarted.length && !dueNames.includes(fromStep)) dueNames = [fromStep];
       if (fromStep === undefined && checkpoint === undefined && snapshot.next.length === 0 && (at.pendingWrites ?? []).length === 0 && at.metadata?.source !== "input") {
+        if (wf && notices.some((n) => n.includes("since this thread completed"))) {
+          notices.push("a resume asks the changed workflow's routing again, as the last finished step, and runs any step now due after it");
+        }
         return plan("already-completed", []);
       }
     } else if (fromStep !== undefined) dueNames = [fromStep];

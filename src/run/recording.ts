@@ -49,7 +49,8 @@ export class RecordingSaver extends BaseCheckpointSaver {
    * carries it in full (the readable detail a mismatch is explained with); later ones only its hashes.
    */
   fingerprint: FingerprintRecord | undefined;
-  private fingerprintWritten = false;
+  /** The checkpoint that carries this run's full fingerprint (the first one it wrote). */
+  private fingerprintAt: string | undefined;
   /** The thread's spend at the last checkpoint this saver wrote, to tell each step's share. */
   private last: { id: string; total: Usage } | undefined;
   /** Task writes held back by a fan-out's `saveEvery`, written together. */
@@ -146,8 +147,8 @@ export class RecordingSaver extends BaseCheckpointSaver {
       total,
     };
     if (this.fingerprint) {
-      cairn.fingerprint = this.fingerprintWritten ? compactFingerprint(this.fingerprint) : this.fingerprint;
-      this.fingerprintWritten = true;
+      cairn.fingerprint = this.fingerprintAt ? compactFingerprint(this.fingerprint, this.fingerprintAt) : this.fingerprint;
+      this.fingerprintAt ??= checkpoint.id;
     }
     const saved = await this.inner.put(config, checkpoint, { ...metadata, cairn } as CheckpointMetadata, newVersions);
     this.last = { id: checkpoint.id, total };

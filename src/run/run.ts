@@ -9,9 +9,9 @@ import { errorWrites, visibleState } from "../store/steps.ts";
 import { DONE_CHANNEL, isWorkflow, undoChannel, unknownStep, type UndoRecord, type Workflow } from "../workflow/builder.ts";
 import { attemptKey, type RunEvent, type StopReason } from "../workflow/instrument.ts";
 import { formatUsd, NO_USAGE, UsageCallbackHandler, type Pricing, type Usage } from "../workflow/usage.ts";
-import { currentFingerprint } from "./fingerprint.ts";
+import { currentFingerprint, finishedOn } from "./fingerprint.ts";
 import { applyMigration, checkFingerprint, migrationFor } from "./guard.ts";
-import { describeTarget, parseInput, prepareRun, type PreparedRun, type RunTarget } from "./prepare.ts";
+import { describeTarget, parseInput, prepareRun, rawInput, type PreparedRun, type RunTarget } from "./prepare.ts";
 
 /** The step names of a target: literal for a cairn workflow, any string for a plain StateGraph. */
 export type StepName<T> = T extends Workflow<any, infer N> ? N : string;
@@ -77,6 +77,8 @@ export interface ResumeOptions<Step extends string = string> extends RunCommonOp
    * workflow's `defaultInput` compares with the current default.
    */
   input?: unknown;
+  /** Where `input` came from (`file:<absolute path>`), recorded so that later resumes re-read it. */
+  inputSource?: string;
 }
 
 export interface RunResult<State = Record<string, unknown>> {
@@ -127,7 +129,7 @@ export async function run<T extends RunTarget>(target: T, options: StartOptions 
   const thread = options.thread ?? newThreadId();
   checkThreadId(thread);
   const input = parseInput(target, options.input);
-  const fingerprint = currentFingerprint(target, input, options.inputSource ?? (options.input === undefined ? "default" : "given"));
+  const fingerprint = currentFingerprint(target, rawInput(target, options.input), options.inputSource ?? (options.input === undefined ? "default" : "given"));
   return withStore(options, async (store) => {
     const existing = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
     if (existing) {
@@ -174,36 +176,60 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
     const check = await checkFingerprint(target, store, thread, at, options);
     if (check.refusal) throw check.refusal;
     const wf = isWorkflow(target) ? target : undefined;
-    const migrationAt = wf ? migrationFor(wf, at, check.recorded) : undefined;
+    // The state the run will start from must parse with the current schema (or migrate): checked before
+    // any write where that state is known up front (a restart without history rebuilds it first).
+    const startsAt = fromStep !== undefined ? (await checkpointBefore(store.saver, thread, fromStep)).tuple : at;
+    const migrationAt = wf && startsAt ? migrationFor(wf, startsAt, check.recorded) : undefined;
     const notices = [...check.notices];
     const prepared = prepare(target, store, thread, options);
     prepared.saver.fingerprint = check.current.record;
     const config = { configurable: { thread_id: thread } };
     let moved = true;
-    if (checkpoint !== undefined) {
-      prepared.saver.nextLabel = "fork";
-      await prepared.graph.updateState(at.config, undefined, "__copy__");
-    } else if (fromStep !== undefined) {
-      await rewindTo(prepared, store, thread, fromStep);
-    } else if (brokenRouting(latest)) {
-      prepared.saver.nextLabel = "retry-routing";
-      await prepared.graph.updateState(latest.config, undefined, "__copy__");
-    } else moved = false;
-    if (wf) {
-      // The state the run continues from must parse with the current schema, or be migrated first.
-      const head = moved ? await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } }) : undefined;
-      const migration = head ? migrationFor(wf, head, check.recorded) : migrationAt;
-      if (migration) notices.push(await applyMigration(prepared, thread, migration));
+    try {
+      if (checkpoint !== undefined) {
+        prepared.saver.nextLabel = "fork";
+        await prepared.graph.updateState(at.config, undefined, "__copy__");
+      } else if (fromStep !== undefined) {
+        await rewindTo(prepared, store, thread, fromStep);
+      } else if (brokenRouting(latest)) {
+        prepared.saver.nextLabel = "retry-routing";
+        await prepared.graph.updateState(latest.config, undefined, "__copy__");
+      } else moved = false;
+      if (wf) {
+        const head = moved ? await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } }) : at;
+        const migration = moved && head ? migrationFor(wf, head, check.recorded) : migrationAt;
+        // A fork (a copy) records no step: route as the step that produced the checkpoint it copies.
+        if (migration && head) notices.push(await applyMigration(prepared, head, migration, checkpoint !== undefined ? producerOf(wf, at) : undefined));
+      }
+    } catch (error) {
+      throw restartRoutingFailed(error, thread, store.uri, finishedOn(at).length);
     }
     // One snapshot serves every question below: with thousands of saved fan-out items, each
     // getState costs as much as preparing the whole superstep.
-    const snapshot = await prepared.graph.getState(config);
+    let snapshot = await prepared.graph.getState(config);
     if (checkpoint === undefined && fromStep === undefined) {
       // Finished is decided by the graph (what its edges say is due), not by the checkpoint alone; and
       // saved task output not yet folded into a checkpoint (a crash right after a step) is unfinished work.
-      if (snapshot.next.length === 0 && (latest.pendingWrites ?? []).length === 0 && latest.metadata?.source !== "input") {
+      const finished = () => snapshot.next.length === 0 && (latest.pendingWrites ?? []).length === 0 && latest.metadata?.source !== "input";
+      if (finished() && wf && (check.report?.structure.length ?? 0) > 0) {
+        // The workflow changed since the thread completed (a step appended, a route changed): ask its
+        // routing again, as the last step, whether anything is due now.
+        const producer = producerOf(wf, latest);
+        if (producer !== undefined) {
+          prepared.saver.nextLabel = "reroute";
+          try {
+            await prepared.graph.updateState(latest.config, {}, wf.lastNodeOf(producer));
+          } catch (error) {
+            throw restartRoutingFailed(error, thread, store.uri, finishedOn(latest).length);
+          }
+          snapshot = await prepared.graph.getState(config);
+          if (snapshot.next.length > 0) notices.push(`the workflow now goes on after "${producer}": ${[...new Set(snapshot.next.map((n) => wf.stepOfNode(n)))].join(", ")} will run`);
+        }
+      }
+      if (snapshot.next.length === 0 && (finished() || snapshot.metadata?.source === "update")) {
         const total = spentAt(latest);
         const spent = await spentInAll(store.saver, thread);
+        options.onStart?.({ thread, store: store.uri, skipped: await finishedSteps(prepared, store, thread, snapshot), notices });
         return {
           thread,
           status: "already-completed",
@@ -296,6 +322,21 @@ function producerOf(wf: Workflow<any, string>, tuple: CheckpointTuple): string |
   if (own !== undefined) return own;
   const done = ((tuple.checkpoint.channel_values as Record<string, unknown>)[DONE_CHANNEL] as string[] | undefined) ?? [];
   return done.filter((s) => wf.steps.includes(s)).pop();
+}
+
+/**
+ * A `when`/route function that threw while a restart, a migration or a reroute asked it where to go:
+ * nothing ran, and the message says so (the step failed reporting reads these details).
+ */
+function restartRoutingFailed(error: unknown, thread: string, store: string, stepsSaved: number): unknown {
+  const routing = routingFailure(error);
+  if (!routing) return error;
+  return new CairnError(
+    "STEP_FAILED",
+    `${routing.message.replace(/^its /, `Step "${routing.details.step}": its `)} (while deciding where the thread goes on; nothing was run)`,
+    { ...routing.details, thread, stepsSaved, itemsSaved: 0, itemsFailed: 0, store },
+    { cause: routing.cause },
+  );
 }
 
 /** Generated thread ids: letters and digits only, so they never read as a flag or need quoting. */

@@ -1,10 +1,13 @@
+import { createInterface } from "node:readline/promises";
 import { createLogUpdate } from "log-update";
 import { isCairnError, USAGE_ERROR_CODES } from "../index.ts";
 import { artifactsCommand, usage as artifactsUsage } from "./artifacts.ts";
 import { historyCommand, usage as historyUsage } from "./history.ts";
 import { inspectCommand, usage as inspectUsage } from "./inspect.ts";
+import { pruneCommand, usage as pruneUsage } from "./prune.ts";
 import type { Io } from "./render.ts";
 import { resumeCommand, usage as resumeUsage } from "./resume.ts";
+import { rmCommand, usage as rmUsage } from "./rm.ts";
 import { runCommand, usage as runUsage } from "./run.ts";
 import { threadsCommand, usage as threadsUsage } from "./threads.ts";
 
@@ -15,12 +18,14 @@ const COMMANDS: Record<string, (argv: string[], io: Io) => Promise<number>> = {
   history: historyCommand,
   inspect: inspectCommand,
   artifacts: artifactsCommand,
+  rm: rmCommand,
+  prune: pruneCommand,
 };
 
 const HELP = `cairn — durable checkpoints, resume and restart-from-step for long AI generation pipelines
 
 Commands:
-${[runUsage, resumeUsage, threadsUsage, historyUsage, inspectUsage, artifactsUsage].map((u) => `  ${u.split("\n")[0]}`).join("\n")}
+${[runUsage, resumeUsage, threadsUsage, historyUsage, inspectUsage, artifactsUsage, rmUsage, pruneUsage].map((u) => `  ${u.split("\n")[0]}`).join("\n")}
 
 Every command takes --store <uri> (file:<dir>, sqlite:<path>, postgres://…; default $CAIRN_STORE or file:.cairn),
 --json, --verbose (stack traces) and --help.`;
@@ -55,6 +60,16 @@ export async function main(argv: string[], io: Io = defaultIo()): Promise<number
 
 function defaultIo(): Io {
   const io: Io = { out: (t) => process.stdout.write(`${t}\n`), err: (t) => process.stderr.write(`${t}\n`) };
+  if (process.stdin.isTTY && process.stderr.isTTY) {
+    io.ask = async (question) => {
+      const prompt = createInterface({ input: process.stdin, output: process.stderr });
+      try {
+        return await prompt.question(question);
+      } finally {
+        prompt.close();
+      }
+    };
+  }
   if (process.stderr.isTTY && !process.env.CI) {
     const live = createLogUpdate(process.stderr);
     io.live = { update: (text) => live(text), clear: () => live.clear() };

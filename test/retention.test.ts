@@ -382,6 +382,10 @@ for (const kind of KINDS) {
         expect(done.state.parts.map((p) => p.sha256)).toHaveLength(2);
         for (const p of done.state.parts) expect(await own.artifacts.has(p.sha256)).toBe(true);
 
+        // A bad grace period is refused before anything is removed.
+        expectCode(await rejection(removeThread(thread, { store: own, grace: "soon" })), "INVALID_ARGUMENT");
+        expect(await own.listThreadIds()).toEqual([thread]);
+
         // removeThread, then a GC two hours on: nothing refers to the thread's artifacts any more.
         const removed = await removeThread(thread, { store: own, now: later(2 * HOUR) });
         expect(removed).toMatchObject({ thread, checkpoints: expect.any(Number), dryRun: false });
@@ -442,6 +446,46 @@ describe.skipIf(!postgres.ok)("Postgres blobs", () => {
     } finally {
       await client.end();
       await store.close();
+      await dropSchema(schema);
+    }
+  });
+});
+
+describe("artifact tables made before artifacts recorded when they were put", () => {
+  it("SQLite: the column is added, and old rows count as old", async () => {
+    const file = join(await tempDir(), "old.db");
+    const { default: Database } = await import("better-sqlite3");
+    const db = new Database(file);
+    db.exec("CREATE TABLE cairn_artifacts (sha256 TEXT PRIMARY KEY, media_type TEXT NOT NULL, size INTEGER NOT NULL, data BLOB NOT NULL)");
+    db.prepare("INSERT INTO cairn_artifacts VALUES (?, ?, ?, ?)").run("a".repeat(64), "image/png", 3, Buffer.from([1, 2, 3]));
+    db.close();
+    const store = await openStore(`sqlite:${file}`);
+    try {
+      expect(await store.artifacts.list()).toEqual([{ sha256: "a".repeat(64), bytes: 3, touchedAt: new Date(0) }]);
+      const gc = await gcArtifacts({ store });
+      expect(gc.removed).toEqual([{ sha256: "a".repeat(64), bytes: 3 }]);
+    } finally {
+      await store.close();
+    }
+  });
+
+  it.skipIf(!postgres.ok)("Postgres: the column is added, and old rows count as old", async () => {
+    const schema = uniqueSchema("cairn_old_artifacts");
+    const client = new pg.Client({ connectionString: postgresUri(schema).replace(/\?.*$/, "") });
+    await client.connect();
+    try {
+      await client.query(`CREATE SCHEMA "${schema}"`);
+      await client.query(`CREATE TABLE "${schema}".cairn_artifacts (sha256 TEXT PRIMARY KEY, media_type TEXT NOT NULL, size BIGINT NOT NULL, data BYTEA NOT NULL)`);
+      await client.query(`INSERT INTO "${schema}".cairn_artifacts VALUES ($1, 'image/png', 3, $2)`, ["b".repeat(64), Buffer.from([1, 2, 3])]);
+      const store = await openStore(postgresUri(schema));
+      try {
+        expect(await store.artifacts.list()).toEqual([{ sha256: "b".repeat(64), bytes: 3, touchedAt: new Date(0) }]);
+        expect((await gcArtifacts({ store })).removed).toEqual([{ sha256: "b".repeat(64), bytes: 3 }]);
+      } finally {
+        await store.close();
+      }
+    } finally {
+      await client.end();
       await dropSchema(schema);
     }
   });

@@ -153,6 +153,7 @@ export async function prune(options: PruneOptions): Promise<PruneReport> {
     throw new CairnError("INVALID_ARGUMENT", "--threads removes whole threads whose newest checkpoint is older than --older-than; pass --older-than too, e.g. --older-than 30d --threads.");
   }
   const statuses = statusList(options.status);
+  emptyGc(false, options); // a bad grace is refused before anything is removed
   const now = (options.now ?? new Date()).getTime();
   const before = age === undefined ? undefined : now - age;
   const dryRun = options.dryRun === true;
@@ -309,6 +310,7 @@ export interface RemovedThread {
  */
 export async function removeThread(thread: string, options: RemoveThreadOptions = {}): Promise<RemovedThread> {
   const dryRun = options.dryRun === true;
+  emptyGc(dryRun, options); // a bad grace is refused before anything is removed
   return withStore(options, async (store) => {
     const latest = await latestTuple(store.saver, thread, store.uri);
     refuseIfRunning(store, thread, latest);

@@ -236,7 +236,14 @@ export class SqliteArtifactStore implements ArtifactStore {
   constructor(private readonly db: SqliteDb, private readonly file: string) {
     db.exec("CREATE TABLE IF NOT EXISTS cairn_artifacts (sha256 TEXT PRIMARY KEY, media_type TEXT NOT NULL, size INTEGER NOT NULL, data BLOB NOT NULL, touched_at INTEGER)");
     const columns = db.prepare("SELECT name FROM pragma_table_info('cairn_artifacts')").all() as { name: string }[];
-    if (!columns.some((c) => c.name === "touched_at")) db.exec("ALTER TABLE cairn_artifacts ADD COLUMN touched_at INTEGER");
+    if (!columns.some((c) => c.name === "touched_at")) {
+      try {
+        db.exec("ALTER TABLE cairn_artifacts ADD COLUMN touched_at INTEGER");
+      } catch (error) {
+        // Another process added it meanwhile.
+        if (!/duplicate column/i.test((error as Error).message)) throw error;
+      }
+    }
   }
 
   locate(ref: ArtifactRef): string {
@@ -295,7 +302,14 @@ export class PostgresArtifactStore implements ArtifactStore {
     this.ready ??= this.pool
       .query(`CREATE TABLE IF NOT EXISTS ${this.table()} (sha256 TEXT PRIMARY KEY, media_type TEXT NOT NULL, size BIGINT NOT NULL, data BYTEA NOT NULL)`)
       // When the bytes were last put (tables made before it start empty there: such rows count as old).
-      .then(() => this.pool.query(`ALTER TABLE ${this.table()} ADD COLUMN IF NOT EXISTS touched_at TIMESTAMPTZ`))
+      // Looked up first: ALTER TABLE locks the table even when the column is there.
+      .then(() =>
+        this.pool.query(
+          `SELECT 1 FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'cairn_artifacts' AND column_name = 'touched_at'`,
+          [this.schema],
+        ),
+      )
+      .then(({ rows }) => (rows.length ? undefined : this.pool.query(`ALTER TABLE ${this.table()} ADD COLUMN IF NOT EXISTS touched_at TIMESTAMPTZ`)))
       .catch((error: unknown) => {
         // Not remembered: the next use tries again (the server may be back).
         this.ready = undefined;

@@ -14,8 +14,14 @@ import moralVideo from "../graphs/moral-video.ts";
 import retained from "./fixtures/retention-graph.ts";
 import type { ChildProcess } from "node:child_process";
 import { cairn, removeWorkdirs, spawnCairn, waitForOutput, workdir } from "./helpers/cli.ts";
+import { dropSchema, postgresUri, requirePostgresInCI, uniqueSchema } from "./helpers/postgres.ts";
 
-afterAll(removeWorkdirs);
+const postgres = await requirePostgresInCI();
+const cleanups: (() => Promise<unknown>)[] = [];
+afterAll(async () => {
+  await removeWorkdirs();
+  for (const cleanup of cleanups.splice(0)) await cleanup().catch(() => {});
+});
 
 const GRAPH = "graphs/moral-video.ts";
 const escape = (text: string) => text.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&");
@@ -180,11 +186,13 @@ describe("cairn prune and cairn rm on a file store", () => {
   }, 60_000);
 });
 
-for (const kind of ["file", "sqlite"] as const) {
-  describe(`a thread another process is running (${kind} store)`, () => {
+for (const kind of ["file", "sqlite", "postgres"] as const) {
+  describe.skipIf(kind === "postgres" && !postgres.ok)(`a thread another process is running (${kind} store)`, () => {
     it("is refused by rm and skipped by prune", async () => {
       const cwd = await workdir();
-      const uri = kind === "file" ? `file:${join(cwd, "store")}` : `sqlite:${join(cwd, "cairn.db")}`;
+      const schema = uniqueSchema("cairn_busy");
+      const uri = kind === "file" ? `file:${join(cwd, "store")}` : kind === "sqlite" ? `sqlite:${join(cwd, "cairn.db")}` : postgresUri(schema);
+      if (kind === "postgres") cleanups.push(() => dropSchema(schema));
       const { child, done } = spawnCairn(cwd, ["run", "test/fixtures/pipeline-graph.ts", "--thread", "busy", "--store", uri, "--input", '{"frames":4,"delayMs":60000}']);
       try {
         await waitForOutput(child, /rendering frame/);

@@ -480,7 +480,7 @@ function prepare(target: RunTarget, store: OpenedStore, thread: string, options:
 
 function retentionFailed(prepared: PreparedRun, thread: string, error: unknown): void {
   const message = error instanceof Error ? error.message : String(error);
-  prepared.runtime.emit({ type: "log", thread, step: "retention", message: `could not prune the thread, which keeps its checkpoints: ${message}` });
+  prepared.runtime.emit({ type: "log", thread, step: "retention", message: `could not prune the thread: ${message}` });
 }
 
 function parseInput(target: RunTarget, input: unknown): unknown {

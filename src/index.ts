@@ -10,7 +10,7 @@ export type { Usage, Pricing, UsageReport } from "./workflow/usage.ts";
 export { artifactRef, isArtifactRef, findArtifactRefs, extensionFor } from "./store/artifacts.ts";
 export { listArtifacts } from "./inspect/artifacts.ts";
 export type { ListedArtifact } from "./inspect/artifacts.ts";
-export type { ArtifactRef, ArtifactStore, PutArtifactOptions } from "./store/artifacts.ts";
+export type { ArtifactRef, ArtifactStore, PutArtifactOptions, StoredArtifact } from "./store/artifacts.ts";
 export { JsonlSink } from "./sinks/jsonl.ts";
 export type { JsonlSinkOptions } from "./sinks/jsonl.ts";
 
@@ -27,6 +27,10 @@ export type { RunTarget } from "./run/prepare.ts";
 export { workflowDiagram, threadSteps, graphSteps } from "./run/diagram.ts";
 export type { StepStatus, StepOnThread, ThreadSteps } from "./run/diagram.ts";
 export type { CairnMetadata } from "./run/recording.ts";
+
+// Retention and cleanup
+export { prune, removeThread, gcArtifacts, checkpointsToPrune, parseAge, DEFAULT_ARTIFACT_GRACE_MS } from "./run/prune.ts";
+export type { PruneOptions, PruneReport, PrunedThread, RemoveThreadOptions, RemovedThread, GcArtifactsOptions, ArtifactGcReport, CleanupReport, StoreChoice } from "./run/prune.ts";
 
 // Reading
 export { latestTuple, readHistory, savedWork, statusOf, spentInAll } from "./inspect/history.ts";
@@ -46,7 +50,7 @@ export type { ThreadExport, ThreadDocument, ExportedCheckpoint, ExportedWrite, E
 
 // Stores
 export { FileCheckpointSaver, FILE_STORE_FORMAT_VERSION } from "./store/file.ts";
-export type { FileCheckpointSaverOptions } from "./store/file.ts";
+export type { FileCheckpointSaverOptions, DeletedCheckpoints } from "./store/file.ts";
 export { openStore, DEFAULT_STORE_URI } from "./store/open.ts";
 export type { OpenedStore, StoreKind } from "./store/open.ts";
 

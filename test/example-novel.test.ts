@@ -171,8 +171,8 @@ describe("graphs/novel.ts", () => {
     expect(entries.reduce((n, e) => n + (e.usage?.usd ?? 0), 0)).toBeCloseTo(total.usd, 10);
     expect(costed.at(-1)?.total).toBe(total.usd.toFixed(4));
     const threads = await cairn(cwd, ["threads"]);
-    expect(threads.stdout.split("\n")[0]).toMatch(/^THREAD +STATUS +LAST STEP +CHECKPOINTS +SPENT +TOKENS +UPDATED$/);
-    expect(threads.stdout).toMatch(new RegExp(`^ref +completed +assemble_book +\\d+ +\\$${total.usd.toFixed(4).replace(".", "\\.")} +[\\d.k]+ `, "m"));
+    expect(threads.stdout.split("\n")[0]).toMatch(/^THREAD +STATUS +LAST STEP +CHECKPOINTS +SIZE +SPENT +TOKENS +UPDATED$/);
+    expect(threads.stdout).toMatch(new RegExp(`^ref +completed +assemble_book +\\d+ +[\\d.]+ [KM]?B +\\$${total.usd.toFixed(4).replace(".", "\\.")} +[\\d.k]+ `, "m"));
   });
 
   it(`stops at a step boundary once the budget ($${BUDGET}) is spent, and a resume with a higher one finishes the same book`, async () => {

@@ -240,10 +240,11 @@ describe("spritesheet example", () => {
     expect(await readFile(sheetPath("strict"))).toEqual(sheet);
   });
 
-  it("with cleanup, deletes the thread's checkpoints after the sheet is written, keeping the sheet and artifacts", async () => {
+  it("with cleanup, keeps only the final checkpoint after the sheet is written, with the sheet and artifacts", async () => {
     const { sheet } = await reference();
     const result = await cairn(cwd, ["run", GRAPH, "--thread", "tidy", "--store", storeUri, "--json", "--input", '{"cleanup":true,"delayMs":0}']);
     expect(result.code, result.stderr).toBe(0);
+    expect(result.stderr).toMatch(/the workflow cleans up on success: thread tidy keeps only its final checkpoint; removed \d+ older checkpoints and 0 artifacts only they referred to/);
     const state = JSON.parse(result.stdout) as FinalState;
     expect(await readFile(sheetPath("tidy"))).toEqual(sheet);
     expect(await readFile(artifactFile(state.sheet.sha256))).toEqual(sheet);
@@ -251,9 +252,13 @@ describe("spritesheet example", () => {
 
     const threads = await cairn(cwd, ["threads", "--store", storeUri, "--json"]);
     expect(threads.code, threads.stderr).toBe(0);
-    const ids = (JSON.parse(threads.stdout) as { thread: string }[]).map((t) => t.thread);
-    expect(ids).toContain("ref");
-    expect(ids).not.toContain("tidy");
+    const listed = JSON.parse(threads.stdout) as { thread: string; status: string; checkpoints: number }[];
+    expect(listed.find((t) => t.thread === "ref")?.checkpoints).toBeGreaterThan(1);
+    expect(listed.find((t) => t.thread === "tidy")).toMatchObject({ status: "completed", checkpoints: 1 });
+    // The final state and its artifacts stay readable.
+    const artifacts = await cairn(cwd, ["artifacts", "tidy", "--store", storeUri, "--json"]);
+    expect(artifacts.code, artifacts.stderr).toBe(0);
+    expect((JSON.parse(artifacts.stdout) as { present: boolean }[]).every((a) => a.present)).toBe(true);
   });
 });
 

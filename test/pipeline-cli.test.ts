@@ -275,8 +275,9 @@ describe("reading a finished thread", () => {
     const r = await cairn(cwd, ["threads", "--store", storeOf(cwd)]);
     expect(r.code, r.stderr).toBe(0);
     const [header, row, ...rest] = lines(r.stdout).map((l) => l.split(/ {2,}/));
-    expect(header).toEqual(["THREAD", "STATUS", "LAST STEP", "CHECKPOINTS", "SPENT", "TOKENS", "UPDATED"]);
-    expect(row!.slice(0, 6)).toEqual([THREAD, "completed", "assemble", "6", dollars(total.usd), String(total.inputTokens + total.outputTokens)]);
+    expect(header).toEqual(["THREAD", "STATUS", "LAST STEP", "CHECKPOINTS", "SIZE", "SPENT", "TOKENS", "UPDATED"]);
+    expect(row![4]).toMatch(/^\d+\.\d KB$/);
+    expect([...row!.slice(0, 4), ...row!.slice(5, 7)]).toEqual([THREAD, "completed", "assemble", "6", dollars(total.usd), String(total.inputTokens + total.outputTokens)]);
     expect(rest).toEqual([]);
   }, 30_000);
 

@@ -35,6 +35,7 @@ import {
   resume,
   run,
   savedWork,
+  stateAt,
   TransientError,
   workflow,
   type ArtifactRef,
@@ -865,33 +866,64 @@ describe("saveEvery", () => {
 // cleanupOnSuccess
 
 describe("cleanupOnSuccess", () => {
-  const S = z.object({ keep: z.boolean().default(false), image: artifactRef.optional(), done: z.string().optional() });
-  const make = (cleanupOnSuccess: boolean | ((s: z.infer<typeof S>) => boolean)) =>
+  const S = z.object({
+    keep: z.boolean().default(false),
+    round: z.number().default(0),
+    image: artifactRef.optional(),
+    done: z.string().optional(),
+  });
+  // "draw" runs three times, each replacing the image of the round before: the final state refers to the
+  // last one, only older checkpoints to the first two. (The value "draw" first replaced, none, is what
+  // --from-step draw restores: the workflow's undo record keeps it, so it would stay referenced too.)
+  const make = (cleanupOnSuccess: boolean | ((s: z.infer<typeof S>) => boolean), label = "cleanup") =>
     workflow("cleanup", { state: S, cleanupOnSuccess })
-      .step("draw", async (_s, ctx) => ({ image: await ctx.artifacts.put(PNG("cleanup"), { mediaType: "image/png" }) }))
-      .step("finish", async () => ({ done: "yes" }));
+      .step("draw", async (s, ctx) => ({ round: s.round + 1, image: await ctx.artifacts.put(PNG(`${label}-${s.round + 1}`), { mediaType: "image/png" }) }))
+      .step("finish", async () => ({ done: "yes" }))
+      .route("draw", (s) => (s.round < 3 ? "draw" : "finish"));
 
-  it("deletes the thread after a completed run and returns the final state; artifacts stay", async () => {
+  it("keeps only the final checkpoint and the artifacts it refers to; the final state stays readable", async () => {
     const thread = threadId("cleanup");
-    const r = await run(make(true), { store, thread });
+    const r = await run(make(true, thread), { store, thread });
     expect(r.status).toBe("completed");
-    expect(r.cleanedUp).toBe(true);
-    expect(r.state).toEqual({ keep: false, image: { kind: "cairn.artifact", sha256: sha256(PNG("cleanup")), size: PNG("cleanup").byteLength, mediaType: "image/png" }, done: "yes" });
-    expect(await store.listThreadIds()).not.toContain(thread);
-    expect(await listThreads(store.saver, [thread])).toEqual([]);
-    expect(await store.artifacts.has(r.state.image!.sha256)).toBe(true);
+    const image = { kind: "cairn.artifact", sha256: sha256(PNG(`${thread}-3`)), size: PNG(`${thread}-3`).byteLength, mediaType: "image/png" };
+    expect(r.state).toEqual({ keep: false, round: 3, image, done: "yes" });
+    expect(r.cleanedUp).toMatchObject({ artifacts: 2 });
+    expect(r.cleanedUp!.checkpoints).toBeGreaterThanOrEqual(4);
+    expect(r.cleanedUp!.bytesFreed).toBeGreaterThan(2 * PNG(`${thread}-1`).byteLength);
+
+    const history = await readHistory(store.saver, thread);
+    expect(history.map((h) => h.step)).toEqual(["finish"]);
+    const [summary] = await listThreads(store.saver, [thread]);
+    expect(summary).toMatchObject({ thread, status: "completed", checkpoints: 1, lastStep: "finish" });
+    expect((await stateAt(store.saver, store.uri, thread)).values).toEqual(r.state);
+    expect(await store.artifacts.has(image.sha256)).toBe(true);
+    expect(await store.artifacts.has(sha256(PNG(`${thread}-1`)))).toBe(false);
+    expect(await store.artifacts.has(sha256(PNG(`${thread}-2`)))).toBe(false);
+    // Resuming a cleaned-up thread finds it finished.
+    expect((await resume(make(true, thread), { store, thread })).status).toBe("already-completed");
   });
 
-  it("keeps the thread when the function says so", async () => {
+  it("keeps an artifact another thread still refers to", async () => {
+    const other = threadId("cleanup-other");
+    const shared = `shared-${other}`;
+    // The other thread keeps everything; its first rounds' checkpoints refer to the same bytes.
+    await run(make(false, shared), { store, thread: other });
+    const thread = threadId("cleanup");
+    const r = await run(make(true, shared), { store, thread });
+    expect(r.cleanedUp).toMatchObject({ artifacts: 0 });
+    expect(await store.artifacts.has(sha256(PNG(`${shared}-1`)))).toBe(true);
+  });
+
+  it("keeps the whole thread when the function says so", async () => {
     const wf = make((s) => !s.keep);
     const kept = threadId("cleanup");
     const r = await run(wf, { store, thread: kept, input: { keep: true } });
     expect(r.cleanedUp).toBeUndefined();
-    expect(await store.listThreadIds()).toContain(kept);
+    expect((await readHistory(store.saver, kept)).length).toBeGreaterThan(1);
 
     const dropped = threadId("cleanup");
-    expect((await run(wf, { store, thread: dropped })).cleanedUp).toBe(true);
-    expect(await store.listThreadIds()).not.toContain(dropped);
+    expect((await run(wf, { store, thread: dropped })).cleanedUp).toBeDefined();
+    expect(await readHistory(store.saver, dropped)).toHaveLength(1);
   });
 });
 

@@ -27,6 +27,8 @@ export async function historyCommand(argv: string[], io: Io): Promise<number> {
       rows.push([String(i + 1), h.id, h.step, h.ts, formatDuration(h.durationMs), h.tasks ? String(h.tasks) : "", ...cost, h.total ? formatUsd(h.total.usd) : "", h.source]);
     });
     for (const line of table(rows)) io.out(line);
+    const first = history[0];
+    if (first?.parent && !history.some((h) => h.id === first.parent)) io.out("(older checkpoints were pruned)");
     const { status, next } = statusOf(tuple);
     const spent = await spentInAll(store.saver, thread);
     io.out(`status: ${status}${next.length ? ` · next: ${next.join(", ")}` : ""}${isEmptyUsage(spent) ? "" : ` · spent ${describeUsage(spent)}`}`);

@@ -1,3 +1,4 @@
+import { createInterface } from "node:readline/promises";
 import { createLogUpdate } from "log-update";
 import { isCairnError, USAGE_ERROR_CODES } from "../index.ts";
 import { artifactsCommand, usage as artifactsUsage } from "./artifacts.ts";
@@ -7,8 +8,10 @@ import { graphCommand, usage as graphUsage } from "./graph.ts";
 import { historyCommand, usage as historyUsage } from "./history.ts";
 import { importCommand, usage as importUsage } from "./import.ts";
 import { inspectCommand, usage as inspectUsage } from "./inspect.ts";
+import { pruneCommand, usage as pruneUsage } from "./prune.ts";
 import type { Io } from "./render.ts";
 import { resumeCommand, usage as resumeUsage } from "./resume.ts";
+import { rmCommand, usage as rmUsage } from "./rm.ts";
 import { runCommand, usage as runUsage } from "./run.ts";
 import { threadsCommand, usage as threadsUsage } from "./threads.ts";
 
@@ -23,12 +26,14 @@ const COMMANDS: Record<string, (argv: string[], io: Io) => Promise<number>> = {
   export: exportCommand,
   import: importCommand,
   graph: graphCommand,
+  rm: rmCommand,
+  prune: pruneCommand,
 };
 
 const HELP = `cairn — durable checkpoints, resume and restart-from-step for long AI generation pipelines
 
 Commands:
-${[runUsage, resumeUsage, threadsUsage, historyUsage, inspectUsage, artifactsUsage, diffUsage, graphUsage, exportUsage, importUsage].map((u) => `  ${u.split("\n")[0]}`).join("\n")}
+${[runUsage, resumeUsage, threadsUsage, historyUsage, inspectUsage, artifactsUsage, diffUsage, graphUsage, exportUsage, importUsage, rmUsage, pruneUsage].map((u) => `  ${u.split("\n")[0]}`).join("\n")}
 
 Every command takes --store <uri> (file:<dir>, sqlite:<path>, postgres://…; default $CAIRN_STORE or file:.cairn),
 --json, --verbose (stack traces) and --help.`;
@@ -63,6 +68,16 @@ export async function main(argv: string[], io: Io = defaultIo()): Promise<number
 
 function defaultIo(): Io {
   const io: Io = { out: (t) => process.stdout.write(`${t}\n`), err: (t) => process.stderr.write(`${t}\n`) };
+  if (process.stdin.isTTY && process.stderr.isTTY) {
+    io.ask = async (question) => {
+      const prompt = createInterface({ input: process.stdin, output: process.stderr });
+      try {
+        return await prompt.question(question);
+      } finally {
+        prompt.close();
+      }
+    };
+  }
   if (process.stderr.isTTY && !process.env.CI) {
     const live = createLogUpdate(process.stderr);
     io.live = { update: (text) => live(text), clear: () => live.clear() };

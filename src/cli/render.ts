@@ -5,6 +5,8 @@ export interface Io {
   err: (text: string) => void;
   /** A block of `err` redrawn in place, when `err` is a terminal. */
   live?: { update(text: string): void; clear(): void };
+  /** Ask a person a question and return the answer; absent when no one is at a terminal. */
+  ask?: (question: string) => Promise<string>;
 }
 
 /** An artifact reference as a person reads it: name, type, size, short hash. */

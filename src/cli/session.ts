@@ -2,7 +2,7 @@ import type { RunResult } from "../index.ts";
 import { formatUsd, isCairnError, isEmptyUsage } from "../index.ts";
 import { explainStepFailure } from "./failure.ts";
 import { describeUsage, ProgressReporter } from "./progress.ts";
-import { flag, formatDuration, plural, renderFinalState, shellArg, type Io } from "./render.ts";
+import { flag, formatBytes, formatDuration, plural, renderFinalState, shellArg, type Io } from "./render.ts";
 
 /** Exit code of a run that stopped on Ctrl+C or SIGTERM (128 + SIGINT), as shells report it. */
 export const EXIT_INTERRUPTED = 130;
@@ -95,7 +95,13 @@ function report(io: Io, options: SessionOptions, result: RunResult, stepsRun: nu
       const thisRun = isEmptyUsage(usage.run) ? "nothing by this run" : `${describeUsage(usage.run)} by this run`;
       io.err(`  spent: ${thisRun}; ${formatUsd(usage.thread.usd)} by the thread in all.`);
     }
-    if (result.cleanedUp) io.err(`  the workflow cleans up on success: thread ${result.thread}'s checkpoints are deleted (its outputs and artifacts are kept).`);
+    if (result.cleanedUp) {
+      const c = result.cleanedUp;
+      io.err(
+        `  the workflow cleans up on success: thread ${result.thread} keeps only its final checkpoint; removed ${plural(c.checkpoints, "older checkpoint")}` +
+          ` and ${plural(c.artifacts, "artifact")} only they referred to (${formatBytes(c.bytesFreed)}).`,
+      );
+    }
   }
   if (options.verb === "resume" && !isEmptyUsage(usage.reused) && result.status !== "already-completed") {
     io.err(`  resuming reused ${describeUsage(usage.reused)} of earlier work instead of paying for it again.`);

@@ -37,6 +37,8 @@ export interface ThreadSummary {
   next: string[];
   /** What the thread has spent on model calls, on every branch, including finished items of an unfinished step. */
   spent: Usage;
+  /** Space the thread takes in the store, when asked for (see `OpenedStore.threadBytes`). */
+  bytes?: number;
 }
 
 interface CairnMeta {
@@ -52,7 +54,10 @@ interface CairnMeta {
 
 const cairnMeta = (tuple: CheckpointTuple): CairnMeta => ((tuple.metadata as { cairn?: CairnMeta } | undefined)?.cairn ?? {});
 
-/** Every root checkpoint of a thread, oldest first. */
+/**
+ * Every root checkpoint of a thread, oldest first. After a prune, the oldest ones left may name a
+ * parent that is gone (`parent` is kept as recorded); their step is still read from cairn's metadata.
+ */
 export async function readHistory(saver: BaseCheckpointSaver, thread: string): Promise<HistoryEntry[]> {
   const tuples: CheckpointTuple[] = [];
   for await (const t of saver.list({ configurable: { thread_id: thread, checkpoint_ns: "" } })) tuples.push(t);
@@ -67,7 +72,9 @@ export async function readHistory(saver: BaseCheckpointSaver, thread: string): P
       if (source !== "loop") step = source;
       else {
         const parent = parentId ? byId.get(parentId) : undefined;
-        step = nodesThatRan(parent?.checkpoint.versions_seen, t.checkpoint.versions_seen).join("+") || `step ${t.metadata?.step ?? "?"}`;
+        // Without its parent (pruned), what changed since cannot be told: the node that ran is unknown.
+        const ran = parentId && !parent ? [] : nodesThatRan(parent?.checkpoint.versions_seen, t.checkpoint.versions_seen);
+        step = ran.join("+") || `step ${t.metadata?.step ?? "?"}`;
       }
     }
     const source = t.metadata?.source ?? "loop";
@@ -152,11 +159,12 @@ export async function summarizeThread(saver: BaseCheckpointSaver, thread: string
   const tuple = await saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
   if (!tuple) return undefined;
   let checkpoints = 0;
-  let spent = pendingUsage(tuple);
+  const spending = new Spending();
   for await (const t of saver.list({ configurable: { thread_id: thread, checkpoint_ns: "" } })) {
     checkpoints += 1;
-    spent = addUsage(spent, cairnMeta(t).usage);
+    spending.add(t);
   }
+  const spent = addUsage(spending.total(), pendingUsage(tuple));
   const { status, next, error } = statusOf(tuple);
   const history = cairnMeta(tuple).step;
   return {
@@ -174,13 +182,47 @@ export async function summarizeThread(saver: BaseCheckpointSaver, thread: string
 /**
  * What a thread has spent on every branch: each checkpoint records what its step spent, so their sum
  * counts a step rerun by `--from-step` as often as it ran; plus the saved items of an unfinished step.
+ * Once checkpoints were pruned their share is gone from the sum; the running total a checkpoint records
+ * (its branch's spend) still counts, so the result never falls below the largest one kept.
  */
 export async function spentInAll(saver: BaseCheckpointSaver, thread: string): Promise<Usage> {
   const latest = await saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
   if (!latest) return NO_USAGE;
-  let spent = pendingUsage(latest);
-  for await (const t of saver.list({ configurable: { thread_id: thread, checkpoint_ns: "" } })) spent = addUsage(spent, cairnMeta(t).usage);
-  return spent;
+  const spending = new Spending();
+  for await (const t of saver.list({ configurable: { thread_id: thread, checkpoint_ns: "" } })) spending.add(t);
+  return addUsage(spending.total(), pendingUsage(latest));
+}
+
+/**
+ * The sum of what checkpoints spent; once some were pruned (a parent is missing), at least the largest
+ * running total among those left (see spentInAll).
+ */
+class Spending {
+  private sum: Usage = NO_USAGE;
+  private floor: Usage = NO_USAGE;
+  private readonly ids = new Set<string>();
+  private readonly parents = new Set<string>();
+  add(tuple: CheckpointTuple): void {
+    const meta = cairnMeta(tuple);
+    this.sum = addUsage(this.sum, meta.usage);
+    if (meta.total) this.floor = largest(this.floor, meta.total);
+    this.ids.add(tuple.checkpoint.id);
+    const parent = tuple.parentConfig?.configurable?.checkpoint_id as string | undefined;
+    if (parent) this.parents.add(parent);
+  }
+  total(): Usage {
+    const pruned = [...this.parents].some((p) => !this.ids.has(p));
+    return pruned ? largest(this.sum, this.floor) : this.sum;
+  }
+}
+
+function largest(a: Usage, b: Usage): Usage {
+  return {
+    usd: Math.max(a.usd ?? 0, b.usd ?? 0),
+    inputTokens: Math.max(a.inputTokens ?? 0, b.inputTokens ?? 0),
+    outputTokens: Math.max(a.outputTokens ?? 0, b.outputTokens ?? 0),
+    calls: Math.max(a.calls ?? 0, b.calls ?? 0),
+  };
 }
 
 function pendingUsage(tuple: CheckpointTuple): Usage {

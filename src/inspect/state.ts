@@ -55,11 +55,19 @@ export async function stateAt(
   return { thread, checkpoint: id, step, ts: tuple.checkpoint.ts, values: visibleState(tuple.checkpoint.channel_values as Record<string, unknown>), spent: spentAt(tuple) };
 }
 
-/** A summary of every thread in a store, newest first. */
-export async function listThreads(saver: BaseCheckpointSaver, threadIds: string[]): Promise<ThreadSummary[]> {
+/**
+ * A summary of every thread in a store, newest first. With `bytes` (an opened store's `threadBytes`),
+ * each summary says how much space its thread takes.
+ */
+export async function listThreads(
+  saver: BaseCheckpointSaver,
+  threadIds: string[],
+  options: { bytes?: (thread: string) => Promise<number> } = {},
+): Promise<ThreadSummary[]> {
   const out: ThreadSummary[] = [];
   for (const id of threadIds) {
     const s = await summarizeThread(saver, id);
+    if (s && options.bytes) s.bytes = await options.bytes(id);
     if (s) out.push(s);
   }
   return out.sort((a, b) => (a.updated < b.updated ? 1 : a.updated > b.updated ? -1 : 0));

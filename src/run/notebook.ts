@@ -78,11 +78,14 @@ export async function open<T extends RunTarget>(
     async stateBefore(step) {
       checkStep(step);
       const before = await checkpointBefore(store.saver, thread, step);
-      if (before.tuple) return visibleState(before.tuple.checkpoint.channel_values as Record<string, unknown>) as StateOf<T>;
+      const saved = before.tuple && (visibleState(before.tuple.checkpoint.channel_values as Record<string, unknown>) as StateOf<T>);
+      // A pruned workflow branch may have lost the step's first run: rebuilt below, as a restart would.
+      if (saved && !(before.truncated && isWorkflow(target))) return saved;
       // History pruned: a cairn workflow rebuilds the state from the records its steps left.
       const latest = await latestTuple(store.saver, thread, store.uri);
       const current = latest.checkpoint.channel_values as Record<string, unknown>;
       const rebuilt = isWorkflow(target) ? rebuildBefore(current, step) : undefined;
+      if (!rebuilt && saved) return saved;
       if (!rebuilt) throw notRun(step);
       const state = { ...current, ...rebuilt.fields };
       for (const k of rebuilt.absent) delete state[k];

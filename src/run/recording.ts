@@ -57,6 +57,13 @@ export class RecordingSaver extends BaseCheckpointSaver {
   private batch: { config: RunnableConfig; writes: PendingWrite[]; taskId: string; taskPath?: string }[] = [];
   private batchTimer: NodeJS.Timeout | undefined;
   private flushing: Promise<void> = Promise.resolve();
+  /** Task writes on their way to the store. */
+  private readonly inflight = new Set<Promise<unknown>>();
+  /**
+   * Called after each root checkpoint is saved, once every task write sent before it has settled
+   * (retention prunes the thread here: the writes of a checkpoint it removes must not land after it).
+   */
+  afterCheckpoint: ((checkpoint: string) => Promise<void>) | undefined;
 
   constructor(
     readonly inner: BaseCheckpointSaver,
@@ -86,11 +93,18 @@ export class RecordingSaver extends BaseCheckpointSaver {
       return;
     }
     try {
-      await this.inner.putWrites(config, writes, taskId, taskPath);
+      await this.track(this.inner.putWrites(config, writes, taskId, taskPath));
     } finally {
       // Saved or failed to save, the task is done: a sibling holding back its error must not wait forever.
       this.runtime.settled(taskId);
     }
+  }
+
+  private track<T>(write: Promise<T>): Promise<T> {
+    this.inflight.add(write);
+    const settled = () => this.inflight.delete(write);
+    write.then(settled, settled);
+    return write;
   }
 
   /** Write every held-back task write now (concurrently, so a file store commits them in one sync). */
@@ -101,7 +115,7 @@ export class RecordingSaver extends BaseCheckpointSaver {
     const previous = this.flushing;
     this.flushing = (async () => {
       await previous;
-      await Promise.all(pending.map((w) => this.inner.putWrites(w.config, w.writes, w.taskId, w.taskPath)));
+      await Promise.all(pending.map((w) => this.track(this.inner.putWrites(w.config, w.writes, w.taskId, w.taskPath))));
     })();
     return this.flushing;
   }
@@ -152,6 +166,10 @@ export class RecordingSaver extends BaseCheckpointSaver {
     }
     const saved = await this.inner.put(config, checkpoint, { ...metadata, cairn } as CheckpointMetadata, newVersions);
     this.last = { id: checkpoint.id, total };
+    if (this.afterCheckpoint) {
+      await Promise.allSettled([...this.inflight]);
+      await this.afterCheckpoint(checkpoint.id);
+    }
     this.runtime.emit({
       type: "checkpoint",
       thread: this.runtime.thread,

@@ -12,6 +12,7 @@ import { formatUsd, NO_USAGE, UsageCallbackHandler, type Pricing, type Usage } f
 import { currentFingerprint, finishedOn } from "./fingerprint.ts";
 import { applyMigration, checkFingerprint, migrationFor } from "./guard.ts";
 import { describeTarget, parseInput, prepareRun, rawInput, type PreparedRun, type RunTarget } from "./prepare.ts";
+import { keepFinalCheckpoint, Retention, type CleanupReport } from "./prune.ts";
 
 /** The step names of a target: literal for a cairn workflow, any string for a plain StateGraph. */
 export type StepName<T> = T extends Workflow<any, infer N> ? N : string;
@@ -93,8 +94,11 @@ export interface RunResult<State = Record<string, unknown>> {
   tasksRun: number;
   store: string;
   usage: RunUsage;
-  /** The thread's checkpoints were deleted after it completed (the workflow's `cleanupOnSuccess`). */
-  cleanedUp?: boolean;
+  /**
+   * The workflow's `cleanupOnSuccess` ran after the thread completed: what it removed (every checkpoint
+   * but the final one, and the artifacts only those referred to).
+   */
+  cleanedUp?: CleanupReport;
   /** Present when `status` is `stopped`. */
   stopped?: {
     reason: StopReason;
@@ -250,23 +254,24 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
  * Put the thread back to the state before `step` first ran on its current branch. With the checkpoint
  * before that step still in history, fork from it (a copy, so history keeps the old branch). Without it
  * (pruned), a cairn workflow rebuilds that state from the latest one: each step recorded, the first
- * time it ran, the values it replaced.
+ * time it ran, the values it replaced. A workflow whose branch was pruned rebuilds even when the step
+ * shows in what is left: its first run may have been in the part that is gone (a loop).
  */
 async function rewindTo(prepared: PreparedRun, store: OpenedStore, thread: string, step: string): Promise<void> {
   const before = await checkpointBefore(store.saver, thread, step);
-  if (before.tuple) {
+  const fork = async (tuple: CheckpointTuple) => {
     prepared.saver.nextLabel = `restart:${step}`;
-    const producer = prepared.workflow ? producerOf(prepared.workflow, before.tuple) : undefined;
+    const producer = prepared.workflow ? producerOf(prepared.workflow, tuple) : undefined;
     if (producer !== undefined) {
       // Fork as the step that produced that checkpoint, so the current workflow's routing decides what
       // runs next (a step inserted since then runs; a copy would keep the old route).
-      await prepared.graph.updateState(before.tuple.config, {}, prepared.workflow!.lastNodeOf(producer));
+      await prepared.graph.updateState(tuple.config, {}, prepared.workflow!.lastNodeOf(producer));
     } else {
       // Before the first step (or a plain graph): a copy; the first step is routed when the input is read.
-      await prepared.graph.updateState(before.tuple.config, undefined, "__copy__");
+      await prepared.graph.updateState(tuple.config, undefined, "__copy__");
     }
-    return;
-  }
+  };
+  if (before.tuple && !(before.truncated && prepared.workflow)) return fork(before.tuple);
   const latest = await prepared.graph.getState({ configurable: { thread_id: thread } });
   const rebuilt = prepared.workflow ? rebuildBefore(latest.values as Record<string, unknown>, step) : undefined;
   if (prepared.workflow && rebuilt) {
@@ -278,9 +283,11 @@ async function rewindTo(prepared: PreparedRun, store: OpenedStore, thread: strin
     for (const s of rebuilt.undone) update[undoChannel(s)] = null;
     const last = rebuilt.doneBefore[rebuilt.doneBefore.length - 1];
     prepared.saver.nextLabel = `restart:${step}`;
-    await prepared.graph.updateState({ configurable: { thread_id: thread } }, update, last === undefined ? START : prepared.workflow.lastNodeOf(last));
+    // The latest checkpoint's own id: its pending writes (items of a step being restarted) are not folded in.
+    await prepared.graph.updateState(latest.config, update, last === undefined ? START : prepared.workflow.lastNodeOf(last));
     return;
   }
+  if (before.tuple) return fork(before.tuple);
   if (!before.ran) {
     const stepOf = (n: string) => (prepared.workflow ? prepared.workflow.stepOfNode(n) : n);
     // Restarting the step that is due next is the same as continuing.
@@ -293,7 +300,8 @@ async function rewindTo(prepared: PreparedRun, store: OpenedStore, thread: strin
   }
   throw new CairnError(
     "HISTORY_PRUNED",
-    `The checkpoint before step "${step}" is no longer in thread "${thread}" (pruned), and a plain LangGraph graph records no way to rebuild it. Restart from a later step, or start a new thread.`,
+    `The checkpoint before step "${step}" is no longer in thread "${thread}" (pruned), and a plain LangGraph graph records no way to rebuild it. ` +
+      `Restart from a step whose earlier checkpoint is still kept (\`cairn history ${thread}\` lists them), or start a new thread.`,
     { thread, step },
   );
 }
@@ -301,18 +309,29 @@ async function rewindTo(prepared: PreparedRun, store: OpenedStore, thread: strin
 /**
  * The checkpoint just before `step` first ran on the thread's current branch: what a restart from that
  * step starts from. `tuple` is absent when the step never ran there (`ran: false`) or history was pruned.
+ * `truncated`: the branch's oldest checkpoint left has a parent that was pruned. Then a step found in
+ * what is left may have run before too: a plain graph's node that the oldest kept checkpoint has already
+ * seen (LangGraph's `versions_seen`) first ran in the pruned part, and has no `tuple`.
  */
 export async function checkpointBefore(
   saver: BaseCheckpointSaver,
   thread: string,
   step: string,
-): Promise<{ ran: boolean; tuple?: CheckpointTuple }> {
-  const first = currentBranch(await readHistory(saver, thread)).find((e) => e.steps.includes(step));
-  if (!first) return { ran: false };
+): Promise<{ ran: boolean; tuple?: CheckpointTuple; truncated: boolean }> {
+  const history = await readHistory(saver, thread);
+  const branch = currentBranch(history);
+  const oldest = branch[0];
+  const truncated = oldest?.parent !== undefined && !history.some((e) => e.id === oldest.parent);
+  if (truncated) {
+    const at = await saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: oldest!.id } });
+    if (at?.checkpoint.versions_seen[step] !== undefined) return { ran: true, truncated };
+  }
+  const first = branch.find((e) => e.steps.includes(step));
+  if (!first) return { ran: false, truncated };
   const tuple = first.parent
     ? await saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: first.parent } })
     : undefined;
-  return { ran: true, tuple };
+  return { ran: true, tuple, truncated };
 }
 
 /** The workflow step whose completion a checkpoint records (its own steps, else the last one finished). */
@@ -436,9 +455,11 @@ async function execute(
     });
     const result = await finish("completed", values as Record<string, unknown>);
     const cleanup = prepared.workflow?.cleanupOnSuccess;
+    const keepLast = prepared.workflow?.retention?.keepLast;
     if (cleanup === true || (typeof cleanup === "function" && cleanup(result.state))) {
-      await store.saver.deleteThread(thread);
-      result.cleanedUp = true;
+      result.cleanedUp = await keepFinalCheckpoint(store, thread);
+    } else if (keepLast !== undefined) {
+      await new Retention(store, thread, keepLast).pruneNow().catch((error: unknown) => retentionFailed(prepared, thread, error));
     }
     return result;
   } catch (error) {
@@ -538,11 +559,26 @@ function prepare(target: RunTarget, store: OpenedStore, thread: string, options:
   if (options.budgetUsd !== undefined && !(typeof options.budgetUsd === "number" && Number.isFinite(options.budgetUsd) && options.budgetUsd > 0)) {
     throw new CairnError("INVALID_ARGUMENT", `Budget ${String(options.budgetUsd)} is not an amount of dollars; pass a number above 0 (e.g. --budget-usd 2.50).`, { thread });
   }
-  return prepareRun(target, store.saver, thread, controller.signal, options.onEvent ?? (() => {}), (runtime) => {
+  const prepared = prepareRun(target, store.saver, thread, controller.signal, options.onEvent ?? (() => {}), (runtime) => {
     runtime.artifacts = store.artifacts;
     runtime.budgetUsd = options.budgetUsd;
     if (options.pricing) runtime.pricing = { ...runtime.pricing, ...options.pricing };
   });
+  const keepLast = prepared.workflow?.retention?.keepLast;
+  if (keepLast !== undefined) {
+    const retention = new Retention(store, thread, keepLast);
+    // A prune that fails is reported and the run goes on: the journal is either the old or the new one.
+    prepared.saver.afterCheckpoint = () => retention.afterCheckpoint().then(
+      () => {},
+      (error: unknown) => retentionFailed(prepared, thread, error),
+    );
+  }
+  return prepared;
+}
+
+function retentionFailed(prepared: PreparedRun, thread: string, error: unknown): void {
+  const message = error instanceof Error ? error.message : String(error);
+  prepared.runtime.emit({ type: "log", thread, step: "retention", message: `could not prune the thread: ${message}` });
 }
 
 function checkThreadId(thread: string): void {

@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import { mkdir, readdir, readFile, stat } from "node:fs/promises";
+import { mkdir, readdir, readFile, stat, unlink, utimes } from "node:fs/promises";
 import { join } from "node:path";
 import writeFileAtomic from "write-file-atomic";
 import { z } from "zod";
@@ -52,14 +52,34 @@ export interface PutArtifactOptions {
   name?: string;
 }
 
+/** An artifact as the store holds it, for garbage collection. */
+export interface StoredArtifact {
+  sha256: string;
+  /** Bytes it takes in the store. */
+  bytes: number;
+  /**
+   * When it was last put: its first write, or a later `put` of the same bytes (which touches it). An
+   * artifact put by a step that has not checkpointed yet is recent, and artifact GC spares recent ones.
+   */
+  touchedAt: Date;
+}
+
 /** Where a store keeps artifacts. `put` returns once the bytes are durable. */
 export interface ArtifactStore {
+  /** Store the bytes (once per hash) and mark them as just put. */
   put(bytes: Uint8Array, options?: PutArtifactOptions): Promise<ArtifactRef>;
   /** The bytes, checked against their hash. @throws CairnError CHECKPOINT_CORRUPT, ARTIFACT_NOT_FOUND */
   get(ref: ArtifactRef): Promise<Uint8Array>;
   has(sha256: string): Promise<boolean>;
   /** Where the bytes are, for people: a file path, or a table row. */
   locate(ref: ArtifactRef): string;
+  /** Every artifact the store holds. */
+  list(): Promise<StoredArtifact[]>;
+  /**
+   * Remove an artifact, unless it was put after `touchedBefore` (a step may have just put it again).
+   * Returns the bytes freed: 0 when nothing was removed.
+   */
+  delete(sha256: string, options?: { touchedBefore?: Date }): Promise<number>;
 }
 
 export function refFor(bytes: Uint8Array, options: PutArtifactOptions = {}): ArtifactRef {
@@ -134,8 +154,13 @@ export class FileArtifactStore implements ArtifactStore {
     const ref = refFor(bytes, options);
     const path = this.locate(ref);
     const existing = await stat(path).catch(() => undefined);
-    // Kept once per hash; a damaged copy is replaced rather than trusted.
-    if (existing?.size === ref.size && sha256Of(await readFile(path)) === ref.sha256) return ref;
+    // Kept once per hash; a damaged copy is replaced rather than trusted. Touched: just put again, so
+    // artifact GC treats it as recent until the step's checkpoint refers to it.
+    if (existing?.size === ref.size && sha256Of(await readFile(path)) === ref.sha256) {
+      const now = new Date();
+      await utimes(path, now, now).catch(() => {});
+      return ref;
+    }
     const folder = join(this.dir, "artifacts", ref.sha256.slice(0, 2));
     await mkdir(folder, { recursive: true });
     await writeFileAtomic(path, Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength), { fsync: true });
@@ -157,19 +182,68 @@ export class FileArtifactStore implements ArtifactStore {
     const names = await readdir(join(this.dir, "artifacts", sha256.slice(0, 2))).catch(() => [] as string[]);
     return names.some((n) => n.startsWith(`${sha256}.`));
   }
+
+  async list(): Promise<StoredArtifact[]> {
+    const root = join(this.dir, "artifacts");
+    const out: StoredArtifact[] = [];
+    for (const folder of await readdir(root).catch(() => [] as string[])) {
+      if (!/^[0-9a-f]{2}$/.test(folder)) continue;
+      for (const name of await readdir(join(root, folder)).catch(() => [] as string[])) {
+        // `<sha256>.<ext>` only: write-file-atomic's temporary files carry a further suffix.
+        const m = /^([0-9a-f]{64})\.[A-Za-z0-9]+$/.exec(name);
+        if (!m) continue;
+        const s = await stat(join(root, folder, name)).catch(() => undefined);
+        if (s) out.push({ sha256: m[1]!, bytes: s.size, touchedAt: s.mtime });
+      }
+    }
+    return out;
+  }
+
+  async delete(sha256: string, options: { touchedBefore?: Date } = {}): Promise<number> {
+    if (!/^[0-9a-f]{64}$/.test(sha256)) return 0;
+    const folder = join(this.dir, "artifacts", sha256.slice(0, 2));
+    let freed = 0;
+    for (const name of await readdir(folder).catch(() => [] as string[])) {
+      if (!new RegExp(`^${sha256}\\.[A-Za-z0-9]+$`).test(name)) continue;
+      const path = join(folder, name);
+      const s = await stat(path).catch(() => undefined);
+      if (!s || (options.touchedBefore && s.mtime > options.touchedBefore)) continue;
+      try {
+        await unlink(path);
+        freed += s.size;
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
+      }
+    }
+    // The folder itself stays: a concurrent put may be about to write into it.
+    return freed;
+  }
 }
 
 
 /** The subset of better-sqlite3 the SQLite artifact table needs. */
 interface SqliteDb {
   exec(sql: string): unknown;
-  prepare(sql: string): { run(...args: unknown[]): unknown; get(...args: unknown[]): unknown };
+  prepare(sql: string): { run(...args: unknown[]): { changes: number | bigint }; get(...args: unknown[]): unknown; all(...args: unknown[]): unknown[] };
 }
 
-/** Artifacts in the SQLite store's database: table `cairn_artifacts`, committed with synchronous=FULL. */
+/**
+ * Artifacts in the SQLite store's database: table `cairn_artifacts`, committed with synchronous=FULL.
+ * `touched_at` (milliseconds since the epoch; added to tables made before it, where it starts empty and
+ * such rows count as old) is when the bytes were last put.
+ */
 export class SqliteArtifactStore implements ArtifactStore {
   constructor(private readonly db: SqliteDb, private readonly file: string) {
-    db.exec("CREATE TABLE IF NOT EXISTS cairn_artifacts (sha256 TEXT PRIMARY KEY, media_type TEXT NOT NULL, size INTEGER NOT NULL, data BLOB NOT NULL)");
+    db.exec("CREATE TABLE IF NOT EXISTS cairn_artifacts (sha256 TEXT PRIMARY KEY, media_type TEXT NOT NULL, size INTEGER NOT NULL, data BLOB NOT NULL, touched_at INTEGER)");
+    const columns = db.prepare("SELECT name FROM pragma_table_info('cairn_artifacts')").all() as { name: string }[];
+    if (!columns.some((c) => c.name === "touched_at")) {
+      try {
+        db.exec("ALTER TABLE cairn_artifacts ADD COLUMN touched_at INTEGER");
+      } catch (error) {
+        // Another process added it meanwhile.
+        if (!/duplicate column/i.test((error as Error).message)) throw error;
+      }
+    }
   }
 
   locate(ref: ArtifactRef): string {
@@ -178,7 +252,9 @@ export class SqliteArtifactStore implements ArtifactStore {
 
   async put(bytes: Uint8Array, options?: PutArtifactOptions): Promise<ArtifactRef> {
     const ref = refFor(bytes, options);
-    this.db.prepare("INSERT OR IGNORE INTO cairn_artifacts (sha256, media_type, size, data) VALUES (?, ?, ?, ?)").run(ref.sha256, ref.mediaType, ref.size, Buffer.from(bytes));
+    this.db
+      .prepare("INSERT INTO cairn_artifacts (sha256, media_type, size, data, touched_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha256) DO UPDATE SET touched_at = excluded.touched_at")
+      .run(ref.sha256, ref.mediaType, ref.size, Buffer.from(bytes), Date.now());
     return ref;
   }
 
@@ -190,6 +266,20 @@ export class SqliteArtifactStore implements ArtifactStore {
 
   async has(sha256: string): Promise<boolean> {
     return this.db.prepare("SELECT 1 FROM cairn_artifacts WHERE sha256 = ?").get(sha256) !== undefined;
+  }
+
+  async list(): Promise<StoredArtifact[]> {
+    const rows = this.db.prepare("SELECT sha256, length(data) AS bytes, touched_at FROM cairn_artifacts").all() as { sha256: string; bytes: number; touched_at: number | null }[];
+    return rows.map((r) => ({ sha256: r.sha256, bytes: Number(r.bytes), touchedAt: new Date(r.touched_at ?? 0) }));
+  }
+
+  async delete(sha256: string, options: { touchedBefore?: Date } = {}): Promise<number> {
+    const row = this.db.prepare("SELECT length(data) AS bytes FROM cairn_artifacts WHERE sha256 = ?").get(sha256) as { bytes: number } | undefined;
+    if (!row) return 0;
+    const before = options.touchedBefore?.getTime() ?? Number.MAX_SAFE_INTEGER;
+    // One statement decides and deletes: a put that touched the row meanwhile keeps it.
+    const { changes } = this.db.prepare("DELETE FROM cairn_artifacts WHERE sha256 = ? AND COALESCE(touched_at, 0) <= ?").run(sha256, before);
+    return Number(changes) > 0 ? Number(row.bytes) : 0;
   }
 }
 
@@ -211,6 +301,15 @@ export class PostgresArtifactStore implements ArtifactStore {
   private setup(): Promise<unknown> {
     this.ready ??= this.pool
       .query(`CREATE TABLE IF NOT EXISTS ${this.table()} (sha256 TEXT PRIMARY KEY, media_type TEXT NOT NULL, size BIGINT NOT NULL, data BYTEA NOT NULL)`)
+      // When the bytes were last put (tables made before it start empty there: such rows count as old).
+      // Looked up first: ALTER TABLE locks the table even when the column is there.
+      .then(() =>
+        this.pool.query(
+          `SELECT 1 FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'cairn_artifacts' AND column_name = 'touched_at'`,
+          [this.schema],
+        ),
+      )
+      .then(({ rows }) => (rows.length ? undefined : this.pool.query(`ALTER TABLE ${this.table()} ADD COLUMN IF NOT EXISTS touched_at TIMESTAMPTZ`)))
       .catch((error: unknown) => {
         // Not remembered: the next use tries again (the server may be back).
         this.ready = undefined;
@@ -226,12 +325,10 @@ export class PostgresArtifactStore implements ArtifactStore {
   async put(bytes: Uint8Array, options?: PutArtifactOptions): Promise<ArtifactRef> {
     const ref = refFor(bytes, options);
     await this.setup();
-    await this.pool.query(`INSERT INTO ${this.table()} (sha256, media_type, size, data) VALUES ($1, $2, $3, $4) ON CONFLICT (sha256) DO NOTHING`, [
-      ref.sha256,
-      ref.mediaType,
-      ref.size,
-      Buffer.from(bytes),
-    ]);
+    await this.pool.query(
+      `INSERT INTO ${this.table()} (sha256, media_type, size, data, touched_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sha256) DO UPDATE SET touched_at = EXCLUDED.touched_at`,
+      [ref.sha256, ref.mediaType, ref.size, Buffer.from(bytes), new Date()],
+    );
     return ref;
   }
 
@@ -246,5 +343,23 @@ export class PostgresArtifactStore implements ArtifactStore {
     await this.setup();
     const { rows } = await this.pool.query(`SELECT 1 FROM ${this.table()} WHERE sha256 = $1`, [sha256]);
     return rows.length > 0;
+  }
+
+  async list(): Promise<StoredArtifact[]> {
+    await this.setup();
+    const { rows } = await this.pool.query<{ sha256: string; bytes: string; touched_at: Date | null }>(
+      `SELECT sha256, octet_length(data)::text AS bytes, touched_at FROM ${this.table()}`,
+    );
+    return rows.map((r) => ({ sha256: r.sha256, bytes: Number(r.bytes), touchedAt: r.touched_at ?? new Date(0) }));
+  }
+
+  async delete(sha256: string, options: { touchedBefore?: Date } = {}): Promise<number> {
+    await this.setup();
+    // One statement decides and deletes: a put that touched the row meanwhile keeps it.
+    const { rows } = await this.pool.query<{ bytes: string }>(
+      `DELETE FROM ${this.table()} WHERE sha256 = $1 AND ($2::timestamptz IS NULL OR COALESCE(touched_at, 'epoch'::timestamptz) <= $2) RETURNING octet_length(data)::text AS bytes`,
+      [sha256, options.touchedBefore ?? null],
+    );
+    return rows.reduce((sum, r) => sum + Number(r.bytes), 0);
   }
 }

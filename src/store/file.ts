@@ -21,7 +21,8 @@ import {
 } from "@langchain/langgraph-checkpoint";
 import { MAP_PREFIX } from "../channels.ts";
 import { CairnError } from "../errors.ts";
-import { JournalWriter, createJournal, decodeLine, readRecord, scanLines, type RecordLocation } from "./journal.ts";
+import { JournalWriter, createJournal, decodeLine, encodeLine, readRecord, scanLines, type RecordLocation } from "./journal.ts";
+import { ThreadGate } from "./gate.ts";
 import { decodeThreadDir, encodeThreadDir, stepFileName } from "./names.ts";
 import { processState } from "./process.ts";
 import { isInternalChannel, nodesThatRan } from "./steps.ts";
@@ -34,6 +35,8 @@ export const FILE_STORE_FORMAT_VERSION = 1;
 const STORE_MARKER = "cairn-store.json";
 const JOURNAL = "journal.log";
 const LOCK = "writer.lock";
+/** A compacted journal is written under this prefix, then renamed over the journal. */
+const COMPACTING = `${JOURNAL}.compact-`;
 
 /** Who holds a thread's writer lock. */
 interface LockHolder {
@@ -55,8 +58,10 @@ interface HeaderRecord {
   v: number;
   thread: string;
   created: string;
-  /** Random: tells this journal from one made again after the thread was deleted. */
+  /** Random: tells this journal from one made again after the thread was deleted (or compacted). */
   id?: string;
+  /** Set on a journal written by compaction: when, and how many root checkpoints it left out. */
+  compacted?: { at: string; removed: number };
 }
 interface CheckpointRecord {
   k: "cp";
@@ -67,6 +72,11 @@ interface CheckpointRecord {
   cp: Omit<Checkpoint, "channel_values">;
   md: EncodedValue;
   blobs: Record<string, { ver: string | number } & EncodedValue>;
+  /**
+   * The checkpoint's order in its thread (root namespace), when it is not simply one more than the
+   * record before: compaction writes it on the records it keeps, so step files keep their numbers.
+   */
+  n?: number;
 }
 interface WritesRecord {
   k: "w";
@@ -86,6 +96,8 @@ type JournalRecord = HeaderRecord | CheckpointRecord | WritesRecord | EndRecord;
 interface CheckpointEntry extends RecordLocation {
   id: string;
   parent: string | null;
+  /** Its order in the thread (root namespace only; 0 elsewhere): the number of its step file. */
+  order: number;
 }
 interface WriteEntry {
   loc: RecordLocation;
@@ -129,6 +141,14 @@ interface ThreadIndex {
 /** Bytes of write records a thread's index keeps read (a bound, not a target). */
 const WRITE_CACHE_BYTES = 32 * 1024 * 1024;
 
+/** What `deleteCheckpoints` removed (or, with `dryRun`, would remove). */
+export interface DeletedCheckpoints {
+  /** Ids of the checkpoints removed. */
+  deleted: string[];
+  /** Bytes freed on disk (the file store), or the stored bytes of the deleted rows (SQLite, Postgres). */
+  bytesFreed: number;
+}
+
 export interface FileCheckpointSaverOptions {
   /** The store directory (created on first write). cairn's default is `.cairn` in the working directory. */
   dir: string;
@@ -166,6 +186,8 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   private readonly threadsDir: string;
   private readonly stepFiles: boolean;
   private readonly indexes = new Map<string, Promise<ThreadIndex | undefined>>();
+  /** Per thread: reads and writes share it, compaction and deletion have it alone (see ThreadGate). */
+  private readonly gates = new Map<string, ThreadGate>();
   /**
    * The `versions_seen` of the last checkpoint put per thread: when metadata names no step (a plain
    * LangGraph app using this saver directly), the nodes whose entry changed since then name the step file.
@@ -201,14 +223,16 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     const thread = config.configurable?.thread_id as string | undefined;
     if (thread === undefined) return undefined;
     const ns = (config.configurable?.checkpoint_ns as string | undefined) ?? "";
-    const index = await this.index(thread);
-    if (!index) return undefined;
-    const byId = index.checkpoints.get(ns);
-    if (!byId) return undefined;
-    const id = getCheckpointId(config) || this.sortedIds(index, ns)[0];
-    const entry = id ? byId.get(id) : undefined;
-    if (!entry) return undefined;
-    return this.loadTuple(index, ns, entry);
+    return this.gate(thread).shared(async () => {
+      const index = await this.index(thread);
+      if (!index) return undefined;
+      const byId = index.checkpoints.get(ns);
+      if (!byId) return undefined;
+      const id = getCheckpointId(config) || this.sortedIds(index, ns)[0];
+      const entry = id ? byId.get(id) : undefined;
+      if (!entry) return undefined;
+      return this.loadTuple(index, ns, entry);
+    });
   }
 
   async *list(config: RunnableConfig, options: CheckpointListOptions = {}): AsyncGenerator<CheckpointTuple> {
@@ -220,15 +244,20 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     const beforeId = before?.configurable?.checkpoint_id as string | undefined;
     const threads = wantThread !== undefined ? [wantThread] : await this.listThreadIds();
     for (const thread of threads) {
-      const index = await this.index(thread);
+      const gate = this.gate(thread);
+      const index = await gate.shared(() => this.index(thread));
       if (!index) continue;
       for (const ns of [...index.checkpoints.keys()].sort()) {
         if (wantNs !== undefined && ns !== wantNs) continue;
         for (const id of this.sortedIds(index, ns)) {
           if (wantId && id !== wantId) continue;
           if (beforeId && id >= beforeId) continue;
-          const entry = index.checkpoints.get(ns)!.get(id)!;
-          const tuple = await this.loadTuple(index, ns, entry);
+          // Between two yields the thread may have been compacted: a checkpoint removed meanwhile is skipped.
+          const tuple = await gate.shared(async () => {
+            const entry = index.checkpoints.get(ns)?.get(id);
+            return entry ? this.loadTuple(index, ns, entry) : undefined;
+          });
+          if (!tuple) continue;
           if (filter && !matchesFilter(tuple.metadata, filter)) continue;
           if (limit !== undefined) {
             if (limit <= 0) return;
@@ -367,6 +396,16 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     newVersions: ChannelVersions,
   ): Promise<RunnableConfig> {
     const thread = requireThread(config, "put a checkpoint");
+    return this.gate(thread).shared(() => this.putCheckpoint(thread, config, checkpoint, metadata, newVersions));
+  }
+
+  private async putCheckpoint(
+    thread: string,
+    config: RunnableConfig,
+    checkpoint: Checkpoint,
+    metadata: CheckpointMetadata,
+    newVersions: ChannelVersions,
+  ): Promise<RunnableConfig> {
     const ns = (config.configurable?.checkpoint_ns as string | undefined) ?? "";
     const parent = (config.configurable?.checkpoint_id as string | undefined) ?? null;
     const index = await this.writableIndex(thread);
@@ -389,6 +428,10 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
 
   async putWrites(config: RunnableConfig, writes: PendingWrite[], taskId: string, taskPath = ""): Promise<void> {
     const thread = requireThread(config, "save task writes");
+    return this.gate(thread).shared(() => this.putTaskWrites(thread, config, writes, taskId, taskPath));
+  }
+
+  private async putTaskWrites(thread: string, config: RunnableConfig, writes: PendingWrite[], taskId: string, taskPath: string): Promise<void> {
     const ns = (config.configurable?.checkpoint_ns as string | undefined) ?? "";
     const cp = config.configurable?.checkpoint_id as string | undefined;
     if (cp === undefined) {
@@ -419,6 +462,10 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   }
 
   async deleteThread(threadId: string): Promise<void> {
+    return this.gate(threadId).exclusive(() => this.removeThread(threadId));
+  }
+
+  private async removeThread(threadId: string): Promise<void> {
     const index = await this.index(threadId);
     // Deleting is writing: never pull a thread from under the process that is writing it.
     if (index && !index.locked) await this.acquireLock(index);
@@ -426,7 +473,12 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     this.lastSeen.delete(threadId);
     if (index) {
       await index.writer?.close();
+      index.writer = undefined;
       await index.reader?.close();
+      index.reader = undefined;
+      // A listing still holding this index finds nothing more in it.
+      index.checkpoints = new Map();
+      index.sorted = new Map();
     }
     const dir = this.threadDir(threadId);
     const trash = join(this.threadsDir, `.deleted-${this.saverId}-${(this.tmpCount += 1)}`);
@@ -448,17 +500,29 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     for (const p of all) {
       const index = await p.catch(() => undefined);
       if (!index) continue;
-      await index.opening?.catch(() => {});
-      if (index.writer) {
-        // Mark the clean close; a failed write here only loses the mark, never a checkpoint.
-        await index.writer.append(JSON.stringify({ k: "end", at: new Date().toISOString() } satisfies EndRecord)).catch(() => {});
-        await index.writer.close();
-        index.writer = undefined;
-      }
-      if (index.locked) await this.releaseLock(index);
-      await index.reader?.close();
-      index.reader = undefined;
+      // A compaction under way finishes first (it may be reopening the writer).
+      await this.gate(index.thread).exclusive(async () => {
+        await index.opening?.catch(() => {});
+        if (index.writer) {
+          // Mark the clean close; a failed write here only loses the mark, never a checkpoint.
+          await index.writer.append(JSON.stringify({ k: "end", at: new Date().toISOString() } satisfies EndRecord)).catch(() => {});
+          await index.writer.close();
+          index.writer = undefined;
+        }
+        if (index.locked) await this.releaseLock(index);
+        await index.reader?.close();
+        index.reader = undefined;
+      });
     }
+  }
+
+  private gate(thread: string): ThreadGate {
+    let gate = this.gates.get(thread);
+    if (!gate) {
+      gate = new ThreadGate();
+      this.gates.set(thread, gate);
+    }
+    return gate;
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -590,6 +654,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
           record.parent,
           loc,
           Object.entries(record.blobs).map(([ch, b]) => [ch, b.ver]),
+          record.n,
         );
       } else if (record.k === "w") {
         const key = cpKey(record.ns, record.cp);
@@ -608,14 +673,16 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     parent: string | null,
     loc: RecordLocation,
     versions: [string, string | number][],
+    order?: number,
   ): void {
     let byId = index.checkpoints.get(ns);
     if (!byId) {
       byId = new Map();
       index.checkpoints.set(ns, byId);
     }
-    if (!byId.has(id) && ns === "") index.rootCount += 1;
-    byId.set(id, { id, parent, ...loc });
+    const known = byId.get(id);
+    if (!known && ns === "") index.rootCount = order ?? index.rootCount + 1;
+    byId.set(id, { id, parent, ...loc, order: known?.order ?? (ns === "" ? index.rootCount : 0) });
     index.sorted.set(ns, undefined);
     for (const [channel, version] of versions) index.blobs.set(blobKey(ns, channel, version), loc);
   }
@@ -645,6 +712,8 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
         await this.ensureMarker();
         await this.acquireLock(opened);
         try {
+          // A compaction a crash cut short left its unfinished journal: never read, removed here.
+          await removeUnfinishedCompactions(opened.dir);
           // Scan again under the lock: only bytes past the last good record (a torn tail) are cut.
           await this.refresh(opened);
           opened.writer = await JournalWriter.open(opened.file, opened.validEnd, () => this.checkStillWriter(opened));
@@ -693,13 +762,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
         await this.moveStaleLock(lock, holder);
         continue;
       }
-      const who = holder.pid === process.pid && holder.host === hostname() ? "another store object in this process" : `pid ${holder.pid} on ${holder.host}`;
-      throw new CairnError(
-        "THREAD_LOCKED",
-        `Thread "${index.thread}" is being written by ${who} since ${holder.since}; a thread has one writer at a time. ` +
-          `Wait for that run to finish or stop it. If no such process is running, delete ${lock}.`,
-        { thread: index.thread, file: lock, holder },
-      );
+      throw lockedBy(index.thread, lock, holder);
     }
     throw new CairnError("THREAD_LOCKED", `Could not take the writer lock ${lock} of thread "${index.thread}" (it kept changing). Try again.`, {
       thread: index.thread,
@@ -832,6 +895,230 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   }
 
   // ---------------------------------------------------------------------------------------------
+  // Maintenance
+
+  /**
+   * Delete checkpoints of a thread's root namespace, with their pending writes and readable step files,
+   * by compacting its journal. The thread's newest checkpoint is never deleted (ids naming it, or no
+   * checkpoint of the thread, are passed over); checkpoints of nested namespaces (subgraphs) are kept.
+   *
+   * The compacted journal holds the kept checkpoints in their order, each carrying the channel values
+   * it reads from a record that is dropped, their pending writes, and a new header id (so other
+   * processes reading the thread rebuild their index). It is written to `journal.log.compact-…`,
+   * fsynced, renamed over `journal.log`, and the folder fsynced: a crash at any point leaves the old
+   * journal or the new one, never a mix (an unfinished `compact-` file is never read, and is removed
+   * by the next writer). The thread's writer lock is held throughout: a thread another live process
+   * writes is refused with `THREAD_LOCKED`; within this saver, reads and writes wait for it.
+   *
+   * With `dryRun`, nothing is written and `bytesFreed` is what the compaction would free.
+   */
+  async deleteCheckpoints(thread: string, ids: readonly string[], options: { dryRun?: boolean } = {}): Promise<DeletedCheckpoints> {
+    return this.gate(thread).exclusive(() => this.compact(thread, new Set(ids), options.dryRun === true));
+  }
+
+  /** Bytes the thread's folder takes on disk (journal, step files, lock): 0 for an unknown thread. */
+  async threadBytes(thread: string): Promise<number> {
+    return folderBytes(this.threadDir(thread));
+  }
+
+  private async compact(thread: string, wanted: Set<string>, dryRun: boolean): Promise<DeletedCheckpoints> {
+    const index = await this.index(thread);
+    if (!index) return { deleted: [], bytesFreed: 0 };
+    if (index.writer?.broken) {
+      throw new CairnError(
+        "STORE_UNAVAILABLE",
+        `Thread "${thread}" cannot be compacted: an earlier write to ${index.file} failed in this process. Resume the thread in a new process first.`,
+        { thread, file: index.file },
+      );
+    }
+    const lock = join(index.dir, LOCK);
+    let tookLock = false;
+    if (dryRun) {
+      // Reported as the real compaction would meet it, without taking anything.
+      const holder = await readLock(lock);
+      if (typeof holder === "object" && holder.saver !== this.saverId && processState(holder.pid, holder.host) !== "dead") throw lockedBy(thread, lock, holder);
+    } else if (!index.locked) {
+      await this.acquireLock(index);
+      tookLock = true;
+    }
+    try {
+      // This saver's writer knows every record it appended; otherwise read what others committed, under the lock.
+      if (!index.writer) await this.refresh(index);
+      const roots = index.checkpoints.get("") ?? new Map<string, CheckpointEntry>();
+      const newest = this.sortedIds(index, "")[0];
+      const doomed = new Set([...wanted].filter((id) => roots.has(id) && id !== newest));
+      if (doomed.size === 0) return { deleted: [], bytesFreed: 0 };
+      const stepFiles = await this.stepFilesOf(index, doomed);
+      const stepBytes = stepFiles.reduce((sum, f) => sum + f.size, 0);
+      const handle = await open(index.file, "r");
+      let header: HeaderRecord | undefined;
+      let journalSize: number;
+      try {
+        journalSize = (await handle.stat()).size;
+        header = await readHeader(handle, journalSize);
+      } finally {
+        await handle.close();
+      }
+      const now = new Date().toISOString();
+      const fresh: HeaderRecord = {
+        k: "hdr",
+        format: "cairn-journal",
+        v: FILE_STORE_FORMAT_VERSION,
+        thread,
+        created: header?.created ?? now,
+        id: `${this.saverId}-${(this.tmpCount += 1)}`,
+        compacted: { at: now, removed: (header?.compacted?.removed ?? 0) + doomed.size },
+      };
+      const records = this.compactedRecords(index, doomed, fresh);
+      if (dryRun) {
+        let size = 0;
+        for await (const json of records) size += Buffer.byteLength(encodeLine(json, size));
+        return { deleted: [...doomed], bytesFreed: Math.max(0, journalSize - size) + stepBytes };
+      }
+
+      await removeUnfinishedCompactions(index.dir);
+      const before = await folderBytes(index.dir);
+      if (!index.writer && journalSize > index.validEnd) {
+        // A torn tail is left out of the new journal; its bytes are kept aside, as a writer would.
+        const tail = Buffer.alloc(journalSize - index.validEnd);
+        const h = await open(index.file, "r");
+        try {
+          await h.read(tail, 0, tail.length, index.validEnd);
+        } finally {
+          await h.close();
+        }
+        await writeFile(`${index.file}.cut-${index.validEnd}`, tail);
+      }
+      const tmp = join(index.dir, `${COMPACTING}${this.saverId}-${(this.tmpCount += 1)}`);
+      await writeJournal(tmp, records);
+      try {
+        await this.checkStillWriter(index);
+        // The commit point: once renamed (and the folder fsynced), readers find only the new journal.
+        await rename(tmp, index.file);
+      } catch (error) {
+        await unlink(tmp).catch(() => {});
+        throw error;
+      }
+      await fsyncDir(index.dir);
+      await this.reopen(index);
+      // The readable view of removed checkpoints goes too (after the commit: a crash may leave some).
+      for (const f of stepFiles) await unlink(join(index.dir, f.name)).catch(() => {});
+      const after = await folderBytes(index.dir);
+      return { deleted: [...doomed], bytesFreed: Math.max(0, before - after) };
+    } finally {
+      if (tookLock) await this.releaseLock(index);
+    }
+  }
+
+  /**
+   * The records of a compacted journal, in their old order: the new header, every kept checkpoint (with
+   * the values it reads from dropped records copied in, and its order as `n`), the write records of kept
+   * checkpoints, and an `end` record (everything in it is committed).
+   */
+  private async *compactedRecords(index: ThreadIndex, doomed: Set<string>, header: HeaderRecord): AsyncGenerator<string> {
+    yield JSON.stringify(header);
+    type Item = { offset: number; cp?: { ns: string; entry: CheckpointEntry }; w?: RecordLocation };
+    const items: Item[] = [];
+    const kept = new Set<string>();
+    for (const [ns, byId] of index.checkpoints) {
+      for (const entry of byId.values()) {
+        if (ns === "" && doomed.has(entry.id)) continue;
+        items.push({ offset: entry.offset, cp: { ns, entry } });
+        kept.add(cpKey(ns, entry.id));
+      }
+    }
+    const writes = new Map<number, RecordLocation>();
+    for (const [key, list] of index.writes) if (kept.has(key)) for (const e of list) writes.set(e.loc.offset, e.loc);
+    for (const loc of writes.values()) items.push({ offset: loc.offset, w: loc });
+    items.sort((a, b) => a.offset - b.offset);
+
+    // (ns, channel, version) of every value the new journal holds so far.
+    const carried = new Set<string>();
+    for (const item of items) {
+      if (item.w) {
+        yield JSON.stringify(await this.read<WritesRecord>(index, item.w, "w"));
+        continue;
+      }
+      const { ns, entry } = item.cp!;
+      const rec = await this.read<CheckpointRecord>(index, entry, "cp", entry.id);
+      const out: CheckpointRecord = { ...rec, blobs: { ...rec.blobs } };
+      if (ns === "") out.n = entry.order;
+      for (const [channel, blob] of Object.entries(rec.blobs)) carried.add(blobKey(ns, channel, blob.ver));
+      const needed = new Map<number, { loc: RecordLocation; channels: string[] }>();
+      for (const [channel, version] of Object.entries(rec.cp.channel_versions)) {
+        if (carried.has(blobKey(ns, channel, version))) continue;
+        const loc = index.blobs.get(blobKey(ns, channel, version));
+        if (!loc) continue; // never stored: the checkpoint reads no value for it now either
+        const group = needed.get(loc.offset) ?? { loc, channels: [] };
+        group.channels.push(channel);
+        needed.set(loc.offset, group);
+      }
+      for (const { loc, channels } of needed.values()) {
+        const holder = await this.read<CheckpointRecord>(index, loc, "cp");
+        for (const channel of channels) {
+          const blob = holder.blobs[channel];
+          if (!blob) continue;
+          if (channel in out.blobs) {
+            throw new Error(`BUG: checkpoint ${rec.id} of thread ${index.thread} reads two versions of channel ${channel}; nothing was compacted`);
+          }
+          out.blobs[channel] = blob;
+          carried.add(blobKey(ns, channel, blob.ver));
+        }
+      }
+      yield JSON.stringify(out);
+    }
+    yield JSON.stringify({ k: "end", at: new Date().toISOString() } satisfies EndRecord);
+  }
+
+  /** After the journal was replaced: forget what the index knew, read the new journal, reopen the writer. */
+  private async reopen(index: ThreadIndex): Promise<void> {
+    const wasWriter = index.writer !== undefined;
+    await index.writer?.close();
+    await index.reader?.close();
+    Object.assign(index, {
+      writer: undefined,
+      opening: undefined,
+      reader: undefined,
+      journalId: undefined,
+      validEnd: 0,
+      rootCount: 0,
+      lastKind: undefined,
+      checkpoints: new Map(),
+      sorted: new Map(),
+      blobs: new Map(),
+      writes: new Map(),
+      writeCache: undefined,
+      writeCacheBytes: 0,
+    } satisfies Partial<ThreadIndex>);
+    await this.refresh(index);
+    // On failure the next write opens the writer again (the lock is still this saver's).
+    if (wasWriter) index.writer = await JournalWriter.open(index.file, index.validEnd, () => this.checkStillWriter(index));
+  }
+
+  /** The readable step files of these checkpoints (named by their order; each names its checkpoint). */
+  private async stepFilesOf(index: ThreadIndex, ids: Set<string>): Promise<{ name: string; size: number }[]> {
+    const roots = index.checkpoints.get("")!;
+    const orders = new Set([...ids].map((id) => roots.get(id)!.order));
+    const out: { name: string; size: number }[] = [];
+    for (const name of await readdir(index.dir).catch(() => [] as string[])) {
+      const m = /^(\d+)-.*\.json$/.exec(name);
+      if (!m || !orders.has(Number(m[1]))) continue;
+      const path = join(index.dir, name);
+      const handle = await open(path, "r").catch(() => undefined);
+      if (!handle) continue;
+      try {
+        const head = Buffer.alloc(4096);
+        const { bytesRead } = await handle.read(head, 0, head.length, 0);
+        const id = /"checkpoint": "([^"]*)"/.exec(head.toString("utf8", 0, bytesRead))?.[1];
+        if (id !== undefined && ids.has(id)) out.push({ name, size: (await handle.stat()).size });
+      } finally {
+        await handle.close();
+      }
+    }
+    return out;
+  }
+
+  // ---------------------------------------------------------------------------------------------
   // The readable view
 
   /**
@@ -940,6 +1227,12 @@ function newerFormat(file: string, version: number): CairnError {
 
 /** The id in a journal's header record ("" for a header without one, undefined if none is complete yet). */
 async function headerId(handle: FileHandle, size: number): Promise<string | undefined> {
+  const record = await readHeader(handle, size);
+  return record ? (record.id ?? "") : undefined;
+}
+
+/** A journal's header record, if a complete one starts the file. */
+async function readHeader(handle: FileHandle, size: number): Promise<HeaderRecord | undefined> {
   const head = Buffer.alloc(Math.min(size, 4096));
   await handle.read(head, 0, head.length, 0);
   const nl = head.indexOf(0x0a);
@@ -947,7 +1240,7 @@ async function headerId(handle: FileHandle, size: number): Promise<string | unde
   const line = decodeLine(head.toString("utf8", 0, nl));
   if (!line) return undefined;
   const record = JSON.parse(line.json) as Partial<HeaderRecord>;
-  return record.k === "hdr" ? (record.id ?? "") : undefined;
+  return record.k === "hdr" ? (record as HeaderRecord) : undefined;
 }
 
 /** Whether a journal starts with a complete, intact header record. */
@@ -968,6 +1261,75 @@ class CheckpointCorrupt extends CairnError {
       { file, offset },
     );
   }
+}
+
+function lockedBy(thread: string, lock: string, holder: LockHolder): CairnError {
+  const who = holder.pid === process.pid && holder.host === hostname() ? "another store object in this process" : `pid ${holder.pid} on ${holder.host}`;
+  return new CairnError(
+    "THREAD_LOCKED",
+    `Thread "${thread}" is being written by ${who} since ${holder.since}; a thread has one writer at a time. ` +
+      `Wait for that run to finish or stop it. If no such process is running, delete ${lock}.`,
+    { thread, file: lock, holder },
+  );
+}
+
+/**
+ * Write a whole journal to a new file and make it durable. Each line is its own batch (its own offset):
+ * everything in it is committed, so a bad line followed by a good one is reported as damage, never
+ * taken for a torn tail.
+ */
+async function writeJournal(file: string, records: AsyncIterable<string>): Promise<void> {
+  const handle = await open(file, "wx");
+  try {
+    let offset = 0;
+    let chunk: Buffer[] = [];
+    let chunkBytes = 0;
+    const flush = async () => {
+      const all = Buffer.concat(chunk);
+      let written = 0;
+      while (written < all.length) written += (await handle.write(all, written, all.length - written)).bytesWritten;
+      chunk = [];
+      chunkBytes = 0;
+    };
+    for await (const json of records) {
+      const line = Buffer.from(encodeLine(json, offset), "utf8");
+      offset += line.length;
+      chunk.push(line);
+      chunkBytes += line.length;
+      if (chunkBytes >= 1 << 20) await flush();
+    }
+    await flush();
+    // Whole on disk before it may replace the old journal.
+    await handle.sync();
+  } catch (error) {
+    await handle.close().catch(() => {});
+    await unlink(file).catch(() => {});
+    throw error;
+  }
+  await handle.close();
+}
+
+/** Remove what a compaction cut short by a crash left: a journal never renamed into place. */
+async function removeUnfinishedCompactions(dir: string): Promise<void> {
+  const names = await readdir(dir).catch(() => [] as string[]);
+  for (const name of names) if (name.startsWith(COMPACTING)) await unlink(join(dir, name)).catch(() => {});
+}
+
+/** Bytes of the files in a folder (not below it); 0 for a folder that does not exist. */
+async function folderBytes(dir: string): Promise<number> {
+  let entries;
+  try {
+    entries = await readdir(dir, { withFileTypes: true });
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === "ENOENT") return 0;
+    throw error;
+  }
+  let total = 0;
+  for (const e of entries) {
+    if (!e.isFile()) continue;
+    total += (await stat(join(dir, e.name)).catch(() => undefined))?.size ?? 0;
+  }
+  return total;
 }
 
 /** The lock's holder; "garbled" for a lock file that is not one cairn wrote whole (taken over as stale). */

@@ -130,6 +130,11 @@ export class JournalWriter {
     return this.end;
   }
 
+  /** Whether a write failed: this writer then refuses every further append. */
+  get broken(): boolean {
+    return this.failed !== undefined;
+  }
+
   append(json: string): Promise<RecordLocation> {
     if (this.failed !== undefined) return Promise.reject(this.failedError());
     return new Promise((resolve, reject) => {

@@ -4,7 +4,8 @@ import { dirname, resolve } from "node:path";
 import type { BaseCheckpointSaver, ChannelVersions } from "@langchain/langgraph-checkpoint";
 import { CairnError } from "../errors.ts";
 import { FileArtifactStore, PostgresArtifactStore, SqliteArtifactStore, type ArtifactStore } from "./artifacts.ts";
-import { FileCheckpointSaver } from "./file.ts";
+import { FileCheckpointSaver, type DeletedCheckpoints } from "./file.ts";
+import { postgresMaintenance, sqliteMaintenance } from "./maintenance.ts";
 
 /** The backends a store URI can name. */
 export type StoreKind = "file" | "sqlite" | "postgres";
@@ -23,6 +24,22 @@ export interface OpenedStore {
   artifacts: ArtifactStore;
   /** Ids of every thread in the store, sorted by code unit (the same order for every backend). */
   listThreadIds(): Promise<string[]>;
+  /**
+   * Delete these checkpoints of a thread (its root namespace) and their pending writes; with
+   * `dryRun`, only say what would go. The thread's newest checkpoint is never deleted (ids naming it,
+   * or naming no checkpoint of the thread, are passed over): remove a whole thread with
+   * `saver.deleteThread`. Parent links of the checkpoints kept are left as they are.
+   *
+   * The file store compacts the thread's journal (crash-safe, under the thread's writer lock: a thread
+   * another live process writes is refused with `THREAD_LOCKED`); SQLite and Postgres delete rows in one
+   * transaction (and, on Postgres, the channel values no remaining checkpoint reads).
+   */
+  deleteCheckpoints(thread: string, ids: readonly string[], options?: { dryRun?: boolean }): Promise<DeletedCheckpoints>;
+  /**
+   * Disk use of a thread: the bytes of its folder on the file store; on SQLite and Postgres the stored
+   * bytes of its rows (approximate: no indexes, page or row overhead).
+   */
+  threadBytes(thread: string): Promise<number>;
   /** Release the files, database handle or connection pool. Safe to call more than once. */
   close(): Promise<void>;
 }
@@ -169,6 +186,8 @@ function openFile(dir: string): OpenedStore {
     saver,
     artifacts: new FileArtifactStore(dir),
     listThreadIds: () => saver.listThreadIds(),
+    deleteCheckpoints: (thread, ids, options) => saver.deleteCheckpoints(thread, ids, options),
+    threadBytes: (thread) => saver.threadBytes(thread),
     close: () => saver.close(),
   };
 }
@@ -203,6 +222,7 @@ async function openSqlite(path: string): Promise<OpenedStore> {
     const saver = new DurableSqliteSaver(db);
     saver.prepare();
     const threads = db.prepare("SELECT DISTINCT thread_id FROM checkpoints").pluck();
+    const maintenance = sqliteMaintenance(db);
     const opened = db;
     return {
       kind: "sqlite",
@@ -210,6 +230,8 @@ async function openSqlite(path: string): Promise<OpenedStore> {
       saver,
       artifacts: new SqliteArtifactStore(db, display),
       listThreadIds: async () => sortIds(threads.all() as string[]),
+      deleteCheckpoints: (thread, ids, options) => maintenance.deleteCheckpoints(thread, ids, options),
+      threadBytes: (thread) => maintenance.threadBytes(thread),
       close: async () => {
         if (opened.open) opened.close();
       },
@@ -263,6 +285,7 @@ async function openPostgres(target: Extract<StoreTarget, { kind: "postgres" }>):
   }
 
   let closed = false;
+  const maintenance = postgresMaintenance(pool, schema);
   return {
     kind: "postgres",
     uri: display,
@@ -272,6 +295,8 @@ async function openPostgres(target: Extract<StoreTarget, { kind: "postgres" }>):
       const { rows } = await pool.query<{ thread_id: string }>(`SELECT DISTINCT thread_id FROM "${schema}".checkpoints`);
       return sortIds(rows.map((r) => r.thread_id));
     },
+    deleteCheckpoints: (thread, ids, options) => maintenance.deleteCheckpoints(thread, ids, options),
+    threadBytes: (thread) => maintenance.threadBytes(thread),
     close: async () => {
       if (closed) return;
       closed = true;

@@ -174,11 +174,23 @@ export interface WorkflowOptions<Schema extends AnyZodObject> {
   /** Prices per million tokens by model name, for turning counted tokens into money. */
   pricing?: Pricing;
   /**
-   * Delete the thread's checkpoints once a run completes, when this is true or returns true for the final
-   * state (e.g. an input switch). For pipelines whose product is written out (a sheet, a book) and whose
-   * intermediate state is not worth keeping. Artifacts stay in the store; the final state is returned.
+   * Once a run completes, when this is true or returns true for the final state (e.g. an input switch):
+   * remove every checkpoint of the thread but the final one, then the artifacts only the removed ones
+   * referred to. The final state stays readable (`cairn inspect`, `cairn artifacts`), and so do the
+   * artifacts it refers to. For pipelines whose product is written out (a sheet, a book) and whose
+   * intermediate states are not worth keeping.
    */
   cleanupOnSuccess?: boolean | ((state: z.infer<Schema>) => boolean);
+  /**
+   * Keep a thread to about its `keepLast` newest checkpoints while it runs. After each checkpoint, once
+   * the thread holds `keepLast + max(keepLast, 10)` of them, it is pruned back to the `keepLast` newest
+   * (so it never holds more than that, and the file store rewrites its journal once per
+   * `max(keepLast, 10)` checkpoints, not every step); a run that completes is pruned to `keepLast`.
+   * The newest checkpoint, which the run continues from, and its pending writes (a fan-out's saved
+   * items) are never removed, so a crashed run resumes as usual, and `--from-step` rebuilds the state
+   * before any step from the latest one. Artifacts are left to `cairn prune` / `gcArtifacts`.
+   */
+  retention?: { keepLast: number };
 }
 
 /**
@@ -202,6 +214,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
   readonly version: string | undefined;
   readonly pricing: Pricing | undefined;
   readonly cleanupOnSuccess: WorkflowOptions<Schema>["cleanupOnSuccess"];
+  readonly retention: WorkflowOptions<Schema>["retention"];
   readonly fingerprint: unknown;
   readonly migrate: WorkflowOptions<Schema>["migrate"];
   private readonly options: WorkflowOptions<Schema>;
@@ -221,6 +234,11 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
     this.version = options.version;
     this.pricing = options.pricing;
     this.cleanupOnSuccess = options.cleanupOnSuccess;
+    const keepLast = options.retention?.keepLast;
+    if (options.retention && !(Number.isInteger(keepLast) && keepLast! >= 1)) {
+      throw new CairnError("INVALID_ARGUMENT", `Workflow "${name}" has retention.keepLast ${String(keepLast)}; use a whole number of 1 or more.`);
+    }
+    this.retention = options.retention;
     this.fingerprint = options.fingerprint;
     this.migrate = options.migrate;
     this.defs = defs;

@@ -352,6 +352,31 @@ describe("plain StateGraph fingerprints", () => {
     return g.addEdge("first", "second").addEdge("second", END);
   };
 
+  it("refuses a thread saved without fingerprints that is due to run a node the graph no longer has", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "cairn-plain-drift-"));
+    dirs.push(dir);
+    const store = await openStore(`file:${dir}`);
+    try {
+      // Written by LangGraph alone, with cairn's saver: no cairn metadata, no fingerprint.
+      const app = graph(false, true).compile({ checkpointer: store.saver });
+      await expect(app.invoke({}, { configurable: { thread_id: "drift" } })).rejects.toThrow("second failed");
+      const renamed = new StateGraph(S)
+        .addNode("first", async () => ({ a: "1" }))
+        .addNode("second_v2", async () => ({ b: "2" }))
+        .addEdge(START, "first")
+        .addEdge("first", "second_v2")
+        .addEdge("second_v2", END);
+      const error = await rejection(resume(renamed, { thread: "drift", store, force: true }));
+      expectCode(error, "FINGERPRINT_MISMATCH");
+      expect(error.message).toContain(`due to run "second", which the workflow no longer has`);
+      expect(error.message).toContain("--from-step first");
+      const history = await readHistory(store.saver, "drift");
+      expect(history.at(-1)!.step).not.toMatch(/restart|fork/);
+    } finally {
+      await store.close();
+    }
+  });
+
   it("refuses when the edges changed under finished nodes", async () => {
     const dir = await mkdtemp(join(tmpdir(), "cairn-plain-fp-"));
     dirs.push(dir);

@@ -90,6 +90,15 @@ export async function checkFingerprint(target: RunTarget, store: OpenedStore, th
     checked = checked && recorded !== undefined && recorded.input !== UNKNOWN_INPUT;
   }
   if (!recorded) {
+    // Nothing to compare with, but a step the thread is due to run must still exist: LangGraph would
+    // otherwise find nothing due and end the thread silently.
+    const missingDue = dueSteps(target, at).filter((s) => !current.steps.includes(s));
+    if (missingDue.length > 0) {
+      const finished = await finishedSteps(target, store, thread, at, true);
+      const report: FingerprintReport = { structure: [], input: [], inputChecked: false, stale: [], affected: [], firstAffected: undefined, missingDue, refuse: true };
+      const lines = missingDue.map((s) => `step "${s}" is not in the workflow any more`);
+      return { current, recorded, report, notices, refusal: mismatchError(thread, report, lines, finished, undefined, { checkpoint: options.checkpoint, migrates: false }) };
+    }
     notices.push("this thread was saved before cairn recorded fingerprints: changes to the workflow or input since then cannot be detected");
     return { current, recorded, report: undefined, notices, refusal: undefined };
   }

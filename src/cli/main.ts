@@ -67,6 +67,11 @@ export async function main(argv: string[], io: Io = defaultIo()): Promise<number
 }
 
 function defaultIo(): Io {
+  // A reader that stops early (`cairn history t | head`) closes the pipe: what is left to print has no
+  // reader, and that is not an error of the command.
+  process.stdout.on("error", (error: NodeJS.ErrnoException) => {
+    if (error.code !== "EPIPE") throw error;
+  });
   const io: Io = { out: (t) => process.stdout.write(`${t}\n`), err: (t) => process.stderr.write(`${t}\n`) };
   if (process.stdin.isTTY && process.stderr.isTTY) {
     io.ask = async (question) => {

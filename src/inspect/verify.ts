@@ -79,6 +79,8 @@ async function verifyFileThread(saver: FileCheckpointSaver, thread: string, uri:
     // The journal cannot be read at all (emptied, or from a newer cairn).
     report.threads += 1;
     const { file, offset } = error.details;
+    // A damaged store marker refuses every thread: it is reported once, as the marker's problem.
+    if (report.problems.some((p) => p.file === file)) return;
     report.problems.push({ thread, file: String(file ?? saver.threadDir(thread)), ...(typeof offset === "number" ? { offset } : {}), what: error.message, checkpoints: [] });
     return;
   }

@@ -966,7 +966,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       try {
         version = (JSON.parse(text) as { version?: unknown }).version;
       } catch (cause) {
-        throw new CairnError("CHECKPOINT_CORRUPT", `Store marker ${marker} is not valid JSON. Restore it or move the store aside.`, { file: marker }, { cause });
+        throw new CairnError("CHECKPOINT_CORRUPT", `Store marker ${marker} is not valid JSON. Restore it (it reads {"format":"cairn-file-store","version":${FILE_STORE_FORMAT_VERSION}}) or move the store aside; \`cairn verify\` checks the rest of the store.`, { file: marker }, { cause });
       }
       if (typeof version === "number" && version > FILE_STORE_FORMAT_VERSION) throw newerFormat(marker, version);
     })();

@@ -37,6 +37,8 @@ export { latestTuple, readHistory, savedWork, statusOf, spentInAll } from "./ins
 export type { HistoryEntry, SavedWork, ThreadStatus, ThreadSummary } from "./inspect/history.ts";
 export { stateAt, listThreads } from "./inspect/state.ts";
 export type { StateAt } from "./inspect/state.ts";
+export { verifyStore } from "./inspect/verify.ts";
+export type { VerifyReport, VerifyProblem } from "./inspect/verify.ts";
 export { diffStates, diffCheckpoints, parseStateRef } from "./inspect/diff.ts";
 export type { StateChange, StateDiff, StateRef, PathSegment } from "./inspect/diff.ts";
 
@@ -50,7 +52,7 @@ export type { ThreadExport, ThreadDocument, ExportedCheckpoint, ExportedWrite, E
 
 // Stores
 export { FileCheckpointSaver, FILE_STORE_FORMAT_VERSION } from "./store/file.ts";
-export type { FileCheckpointSaverOptions, DeletedCheckpoints } from "./store/file.ts";
+export type { FileCheckpointSaverOptions, DeletedCheckpoints, JournalDamage, DamagedCheckpoint, ThreadVerification } from "./store/file.ts";
 export { openStore, DEFAULT_STORE_URI } from "./store/open.ts";
 export type { OpenedStore, StoreKind } from "./store/open.ts";
 

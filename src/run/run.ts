@@ -4,6 +4,7 @@ import type { BaseCheckpointSaver, CheckpointTuple } from "@langchain/langgraph-
 import { customAlphabet } from "nanoid";
 import { CairnError, isCairnError } from "../errors.ts";
 import { checkCheckpointId, checkpointNotFound, currentBranch, latestTuple, readHistory, spentAt, spentInAll } from "../inspect/history.ts";
+import { FileCheckpointSaver } from "../store/file.ts";
 import { openStore, type OpenedStore } from "../store/open.ts";
 import { errorWrites, visibleState } from "../store/steps.ts";
 import { DONE_CHANNEL, isWorkflow, undoChannel, unknownStep, type UndoRecord, type Workflow } from "../workflow/builder.ts";
@@ -72,6 +73,13 @@ export interface ResumeOptions<Step extends string = string> extends RunCommonOp
    * `FINGERPRINT_MISMATCH` refuses). The differences are still reported through `onStart`'s `notices`.
    */
   force?: boolean;
+  /**
+   * When the thread's journal is damaged (`CHECKPOINT_CORRUPT`), continue from the newest checkpoint
+   * left intact instead of refusing: the damage is set aside for good (those checkpoints are never
+   * served again) and every skipped checkpoint is announced through `onStart`'s `notices`. File store
+   * only; without it a damaged thread is refused and nothing is written.
+   */
+  fallback?: boolean;
   /**
    * The input as it is now, to check against the one the thread started with. Without it, a thread
    * started from a file (`inputSource: "file:…"`) re-reads that file, and one started from the
@@ -173,7 +181,8 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
   const { steps, name } = describeTarget(target);
   if (fromStep !== undefined && !steps.includes(fromStep)) throw unknownStep(name, fromStep, steps);
   return withStore(options, async (store) => {
-    const latest = await latestTuple(store.saver, thread, store.uri);
+    const fallbackNotices: string[] = [];
+    const latest = await latestOrFallback(store, thread, options.fallback === true, fallbackNotices);
     const at = checkpoint === undefined ? latest : await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: checkpoint } });
     if (!at) throw checkpointNotFound(thread, checkpoint!, store.uri);
     // Every check before anything is written: a refused resume leaves the thread as it was.
@@ -184,7 +193,7 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
     // any write where that state is known up front (a restart without history rebuilds it first).
     const startsAt = fromStep !== undefined ? (await checkpointBefore(store.saver, thread, fromStep)).tuple : at;
     const migrationAt = wf && startsAt ? migrationFor(wf, startsAt, check.recorded) : undefined;
-    const notices = [...check.notices];
+    const notices = [...fallbackNotices, ...check.notices];
     const prepared = prepare(target, store, thread, options);
     prepared.saver.fingerprint = check.current.record;
     const config = { configurable: { thread_id: thread } };
@@ -248,6 +257,30 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
     options.onStart?.({ thread, store: store.uri, skipped, notices });
     return execute(prepared, store, thread, null, skipped, options, snapshot);
   });
+}
+
+/**
+ * The thread's latest checkpoint; with `fallback`, a thread the file store refuses as damaged has its
+ * damage set aside first, and what was skipped is said in `notices` (never silently).
+ */
+async function latestOrFallback(store: OpenedStore, thread: string, fallback: boolean, notices: string[]): Promise<CheckpointTuple> {
+  try {
+    return await latestTuple(store.saver, thread, store.uri);
+  } catch (error) {
+    if (!fallback || !isCairnError(error, "CHECKPOINT_CORRUPT")) throw error;
+    if (!(store.saver instanceof FileCheckpointSaver)) {
+      error.message += ` (--fallback applies to the file store only; this store is ${store.uri}.)`;
+      throw error;
+    }
+    const { damage, skipped } = await store.saver.setAsideDamage(thread);
+    if (damage.length === 0) throw error;
+    for (const d of damage) notices.push(`--fallback: set aside the damaged record at byte ${d.offset} of ${d.file} (${d.why})`);
+    for (const s of skipped) notices.push(`--fallback: skipped checkpoint ${s.checkpoint}: ${s.why}`);
+    const latest = await latestTuple(store.saver, thread, store.uri);
+    const step = (latest.metadata as { cairn?: { step?: unknown } } | undefined)?.cairn?.step;
+    notices.push(`--fallback: continuing from checkpoint ${latest.config.configurable?.checkpoint_id}${typeof step === "string" ? ` (after step "${step}")` : ""}, the newest intact one`);
+    return latest;
+  }
 }
 
 /**

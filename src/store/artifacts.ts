@@ -76,6 +76,11 @@ export interface ArtifactStore {
   /** Every artifact the store holds. */
   list(): Promise<StoredArtifact[]>;
   /**
+   * Read an artifact's stored bytes back and hash them: where it is, and what is wrong with it
+   * (`problem` undefined when intact). For `cairn verify`.
+   */
+  check(sha256: string): Promise<{ where: string; problem?: string }[]>;
+  /**
    * Remove an artifact, unless it was put after `touchedBefore` (a step may have just put it again).
    * Returns the bytes freed: 0 when nothing was removed.
    */
@@ -110,6 +115,13 @@ function checked(ref: ArtifactRef, bytes: Uint8Array, where: string): Uint8Array
     );
   }
   return bytes;
+}
+
+/** What is wrong with bytes stored under `sha256`, if anything. */
+function hashProblem(sha256: string, bytes: Uint8Array): string | undefined {
+  if (bytes.byteLength === 0) return "it is empty (0 bytes)";
+  const sha = sha256Of(bytes);
+  return sha === sha256 ? undefined : `its ${bytes.byteLength} bytes hash to sha256:${sha.slice(0, 12)}…, not the sha256:${sha256.slice(0, 12)}… it is stored under`;
 }
 
 function missing(ref: ArtifactRef, where: string): CairnError {
@@ -176,6 +188,18 @@ export class FileArtifactStore implements ArtifactStore {
       if ((error as NodeJS.ErrnoException).code === "ENOENT") throw missing(ref, path);
       throw error;
     }
+  }
+
+  async check(sha256: string): Promise<{ where: string; problem?: string }[]> {
+    const folder = join(this.dir, "artifacts", sha256.slice(0, 2));
+    const out: { where: string; problem?: string }[] = [];
+    for (const name of await readdir(folder).catch(() => [] as string[])) {
+      if (!new RegExp(`^${sha256}\\.[A-Za-z0-9]+$`).test(name)) continue;
+      const where = join(folder, name);
+      const problem = hashProblem(sha256, await readFile(where));
+      out.push(problem ? { where, problem } : { where });
+    }
+    return out;
   }
 
   async has(sha256: string): Promise<boolean> {
@@ -264,6 +288,14 @@ export class SqliteArtifactStore implements ArtifactStore {
     return checked(ref, new Uint8Array(row.data), this.locate(ref));
   }
 
+  async check(sha256: string): Promise<{ where: string; problem?: string }[]> {
+    const row = this.db.prepare("SELECT data FROM cairn_artifacts WHERE sha256 = ?").get(sha256) as { data: Buffer } | undefined;
+    if (!row) return [];
+    const where = `cairn_artifacts row ${sha256.slice(0, 12)}…`;
+    const problem = hashProblem(sha256, new Uint8Array(row.data));
+    return [problem ? { where, problem } : { where }];
+  }
+
   async has(sha256: string): Promise<boolean> {
     return this.db.prepare("SELECT 1 FROM cairn_artifacts WHERE sha256 = ?").get(sha256) !== undefined;
   }
@@ -337,6 +369,15 @@ export class PostgresArtifactStore implements ArtifactStore {
     const { rows } = await this.pool.query<{ data: Buffer }>(`SELECT data FROM ${this.table()} WHERE sha256 = $1`, [ref.sha256]);
     if (!rows[0]) throw missing(ref, this.locate(ref));
     return checked(ref, new Uint8Array(rows[0].data), this.locate(ref));
+  }
+
+  async check(sha256: string): Promise<{ where: string; problem?: string }[]> {
+    await this.setup();
+    const { rows } = await this.pool.query<{ data: Buffer }>(`SELECT data FROM ${this.table()} WHERE sha256 = $1`, [sha256]);
+    if (!rows[0]) return [];
+    const where = `${this.table()} row ${sha256.slice(0, 12)}…`;
+    const problem = hashProblem(sha256, new Uint8Array(rows[0].data));
+    return [problem ? { where, problem } : { where }];
   }
 
   async has(sha256: string): Promise<boolean> {

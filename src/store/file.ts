@@ -91,7 +91,49 @@ interface EndRecord {
   k: "end";
   at: string;
 }
-type JournalRecord = HeaderRecord | CheckpointRecord | WritesRecord | EndRecord;
+/**
+ * Appended by `setAsideDamage`: these damaged byte ranges were seen and accepted, and these root
+ * checkpoints (damaged, or reading from damage) are never served again.
+ */
+interface AsideRecord {
+  k: "aside";
+  at: string;
+  ranges: { offset: number; length: number; why: string }[];
+  checkpoints: string[];
+}
+type JournalRecord = HeaderRecord | CheckpointRecord | WritesRecord | EndRecord | AsideRecord;
+
+/** A damaged stretch of a journal, and what it can be told to have held. */
+export interface JournalDamage {
+  file: string;
+  offset: number;
+  length: number;
+  /** What is wrong with the bytes. */
+  why: string;
+  /** What the record was, as far as its bytes still tell: a checkpoint, task results of one, the header. */
+  held?: { kind: "checkpoint" | "writes" | "header" | "end"; ns?: string; checkpoint?: string };
+  /** Set aside by an earlier `resume --fallback`: accepted, no longer refused. */
+  setAside: boolean;
+}
+
+/** A checkpoint of a thread that cannot be served whole, and why. */
+export interface DamagedCheckpoint {
+  checkpoint: string;
+  why: string;
+}
+
+/** What `verifyThread` found in one thread of the file store. */
+export interface ThreadVerification {
+  thread: string;
+  file: string;
+  /** Checkpoints in the journal (every namespace). */
+  checkpoints: number;
+  /** Checkpoints that read back whole (every value decodes). */
+  intact: number;
+  damage: JournalDamage[];
+  /** Checkpoints that cannot be served whole: held by damage, or reading a value or task result from it. */
+  affected: DamagedCheckpoint[];
+}
 
 interface CheckpointEntry extends RecordLocation {
   id: string;
@@ -136,6 +178,10 @@ interface ThreadIndex {
    */
   writeCache?: Map<number, JournalRecord>;
   writeCacheBytes?: number;
+  /** Damaged lines found, by offset (set-aside ones included). */
+  damage: Map<number, JournalDamage>;
+  /** Offsets of damage set aside by an `aside` record. */
+  aside: Set<number>;
 }
 
 /** Bytes of write records a thread's index keeps read (a bound, not a target). */
@@ -529,7 +575,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   // The index
 
   /** The thread's index, refreshed if another process appended since it was built. */
-  private async index(thread: string): Promise<ThreadIndex | undefined> {
+  private async index(thread: string, tolerate = false): Promise<ThreadIndex | undefined> {
     // A thread being created by this saver is read once its creation (and its one index) is in place.
     await this.creating.get(thread)?.catch(() => {});
     let pending = this.indexes.get(thread);
@@ -560,6 +606,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
         return undefined;
       }
     }
+    if (!tolerate) refuseDamage(index);
     return index;
   }
 
@@ -583,10 +630,26 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       blobs: new Map(),
       writes: new Map(),
       rootCount: 0,
+      damage: new Map(),
+      aside: new Set(),
     };
     await this.refresh(index);
-    // No complete record yet: the thread is being created (or its creation was cut short).
-    return index.validEnd === 0 ? undefined : index;
+    if (index.validEnd === 0) {
+      // No complete record yet: the thread is being created (or its creation was cut short), unless step
+      // files beside it show it had checkpoints: then its journal was emptied or cut, and that is damage.
+      const steps = (await readdir(dir).catch(() => [] as string[])).filter((n) => /^\d+-.*\.json$/.test(n));
+      if (steps.length > 0) {
+        const { size } = await stat(file);
+        throw new CairnError(
+          "CHECKPOINT_CORRUPT",
+          `Checkpoint journal ${file} of thread "${thread}" holds no intact record (${size} bytes), yet ${steps.length} step files beside it show the thread had checkpoints. ` +
+            `Nothing was loaded. Restore the journal from a backup; \`cairn verify ${thread}\` reports the store's other damage.`,
+          { file, offset: 0, thread },
+        );
+      }
+      return undefined;
+    }
+    return index;
   }
 
   /**
@@ -625,6 +688,8 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
           writes: new Map(),
           writeCache: undefined,
           writeCacheBytes: 0,
+          damage: new Map(),
+          aside: new Set(),
         });
       }
       index.journalId = journalId;
@@ -634,17 +699,34 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     } finally {
       await handle.close();
     }
-    const { records, validEnd, torn } = scanLines<JournalRecord>(index.file, bytes, index.validEnd);
+    const { records, validEnd, torn, damage } = scanLines<JournalRecord>(bytes, index.validEnd);
+    for (const d of damage) this.noteDamage(index, d, d.why, identify(d.text));
     const last = records.length ? records[records.length - 1]!.record.k : index.lastKind;
     // Bad bytes after the last good record are an unfinished write, unless that record is the "end" a
     // writer appends when it closes cleanly: nothing was being written then, so the bytes are damage.
     if (torn && last === "end") {
-      throw new CheckpointCorrupt(index.file, validEnd, "the journal was closed cleanly, yet bytes after its end record no longer form intact records");
+      const length = index.validEnd + bytes.length - validEnd;
+      const text = bytes.toString("utf8", validEnd - index.validEnd, Math.min(bytes.length, validEnd - index.validEnd + 4096));
+      this.noteDamage(index, { offset: validEnd, length }, "the journal was closed cleanly, yet the bytes after its end record do not form intact records", identify(text));
     }
     index.lastKind = last;
     for (const { record, offset, length } of records) {
       const loc = { offset, length };
-      if (record.k === "hdr") {
+      const wrong = structureProblem(record);
+      if (wrong) {
+        this.noteDamage(index, loc, `its checksum matches but ${wrong}`, identify(JSON.stringify(record)));
+        continue;
+      }
+      if (record.k === "aside") {
+        for (const r of record.ranges) index.aside.add(r.offset);
+        for (const d of index.damage.values()) d.setAside = index.aside.has(d.offset);
+        const roots = index.checkpoints.get("");
+        for (const id of record.checkpoints) {
+          roots?.delete(id);
+          index.writes.delete(cpKey("", id));
+        }
+        index.sorted.set("", undefined);
+      } else if (record.k === "hdr") {
         if (record.v > FILE_STORE_FORMAT_VERSION) throw newerFormat(index.file, record.v);
       } else if (record.k === "cp") {
         this.indexCheckpoint(
@@ -688,8 +770,8 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   }
 
   /** The thread's index with its journal open for appending, creating the thread on first write. */
-  private async writableIndex(thread: string): Promise<ThreadIndex> {
-    let index = await this.index(thread);
+  private async writableIndex(thread: string, tolerate = false): Promise<ThreadIndex> {
+    let index = await this.index(thread, tolerate);
     if (!index) {
       let creation = this.creating.get(thread);
       if (!creation) {
@@ -703,7 +785,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
         this.creating.set(thread, creation);
       }
       await creation;
-      index = await this.index(thread);
+      index = await this.index(thread, tolerate);
       if (!index) throw new Error(`BUG: thread ${thread} was created but cannot be read back`);
     }
     if (!index.writer) {
@@ -884,7 +966,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       try {
         version = (JSON.parse(text) as { version?: unknown }).version;
       } catch (cause) {
-        throw new CairnError("CHECKPOINT_CORRUPT", `Store marker ${marker} is not valid JSON. Restore it or move the store aside.`, { file: marker }, { cause });
+        throw new CairnError("CHECKPOINT_CORRUPT", `Store marker ${marker} is not valid JSON. Restore it (it reads {"format":"cairn-file-store","version":${FILE_STORE_FORMAT_VERSION}}) or move the store aside; \`cairn verify\` checks the rest of the store.`, { file: marker }, { cause });
       }
       if (typeof version === "number" && version > FILE_STORE_FORMAT_VERSION) throw newerFormat(marker, version);
     })();
@@ -892,6 +974,109 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       this.markerChecked = undefined;
     });
     return this.markerChecked;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Damage
+
+  private noteDamage(index: ThreadIndex, loc: RecordLocation, why: string, held: JournalDamage["held"]): void {
+    if (index.damage.has(loc.offset)) return;
+    const d: JournalDamage = { file: index.file, offset: loc.offset, length: loc.length, why, setAside: index.aside.has(loc.offset) };
+    if (held) d.held = held;
+    index.damage.set(loc.offset, d);
+  }
+
+  /**
+   * Check one thread's journal: every record's checksum and structure (read on every scan), and every
+   * checkpoint read back whole: its record, each value it reads (decoded with the serializer) and its
+   * saved task results. Undefined for an unknown thread. A journal that cannot be read at all (emptied,
+   * written by a newer cairn) throws CHECKPOINT_CORRUPT.
+   */
+  async verifyThread(thread: string): Promise<ThreadVerification | undefined> {
+    return this.gate(thread).shared(async () => {
+      const index = await this.index(thread, true);
+      if (!index) return undefined;
+      const { affected, checkpoints, intact } = await this.assess(index, true);
+      return { thread, file: index.file, checkpoints, intact, damage: [...index.damage.values()].sort((a, b) => a.offset - b.offset), affected };
+    });
+  }
+
+  /**
+   * Accept a thread's damage so the thread can go on from the newest checkpoint left intact: appends a
+   * record naming the damaged byte ranges and the checkpoints they make unservable (the damaged ones, and
+   * those reading a value or task result from damage). From then on those checkpoints are never served
+   * (by any saver, in any process) and the thread reads and writes normally; new records go after the
+   * damage, which stays in the file for inspection until a compaction drops it. Returns what was set
+   * aside (nothing when the thread had no damage not yet set aside).
+   */
+  async setAsideDamage(thread: string): Promise<{ damage: JournalDamage[]; skipped: DamagedCheckpoint[] }> {
+    return this.gate(thread).shared(async () => {
+      const index = await this.writableIndex(thread, true);
+      const open = [...index.damage.values()].filter((d) => !d.setAside);
+      if (open.length === 0) return { damage: [], skipped: [] };
+      const { affected } = await this.assess(index, false);
+      const record: AsideRecord = {
+        k: "aside",
+        at: new Date().toISOString(),
+        ranges: open.map((d) => ({ offset: d.offset, length: d.length, why: d.why })),
+        checkpoints: affected.map((a) => a.checkpoint),
+      };
+      await index.writer!.append(JSON.stringify(record));
+      for (const d of open) {
+        index.aside.add(d.offset);
+        d.setAside = true;
+      }
+      const roots = index.checkpoints.get("");
+      for (const id of record.checkpoints) {
+        roots?.delete(id);
+        index.writes.delete(cpKey("", id));
+      }
+      index.sorted.set("", undefined);
+      return { damage: open, skipped: affected };
+    });
+  }
+
+  /** Which root checkpoints the thread's damage not yet set aside makes unservable, and why. */
+  private async assess(index: ThreadIndex, decode: boolean): Promise<{ affected: DamagedCheckpoint[]; checkpoints: number; intact: number }> {
+    const open = [...index.damage.values()].filter((d) => !d.setAside);
+    const affected = new Map<string, string>();
+    const roots = [...(index.checkpoints.get("")?.values() ?? [])].sort((a, b) => a.offset - b.offset);
+    for (const d of open) {
+      const held = d.held;
+      if (held?.kind === "checkpoint" && held.checkpoint && held.ns === "") {
+        affected.set(held.checkpoint, `its record at byte ${d.offset} is damaged (${d.why})`);
+      } else if (held?.kind === "writes" && held.checkpoint && held.ns === "") {
+        affected.set(held.checkpoint, `its saved task results at byte ${d.offset} are damaged (${d.why})`);
+      } else if (held?.kind !== "header" && held?.kind !== "end") {
+        // What the record held cannot be told: it may have been task results of the checkpoint before it.
+        const before = roots.filter((r) => r.offset < d.offset).at(-1);
+        if (before && !affected.has(before.id)) {
+          affected.set(before.id, `the record after it at byte ${d.offset} is damaged beyond telling what it held, and may have held its saved task results`);
+        }
+      }
+    }
+    let checkpoints = 0;
+    let intact = 0;
+    for (const [ns, byId] of index.checkpoints) {
+      for (const entry of byId.values()) {
+        checkpoints += 1;
+        let problem: string | undefined;
+        try {
+          const rec = await this.read<CheckpointRecord>(index, entry, "cp", entry.id);
+          if (open.length > 0) {
+            const lost = Object.entries(rec.cp.channel_versions).find(([channel, version]) => !index.blobs.has(blobKey(ns, channel, version)));
+            if (lost) problem = `its value of "${lost[0]}" was in a damaged record`;
+          }
+          if (!problem && decode) await this.loadTuple(index, ns, entry);
+        } catch (error) {
+          problem = `it does not read back: ${(error as Error).message}`;
+        }
+        const key = ns === "" ? entry.id : `${ns}/${entry.id}`;
+        if (problem && !affected.has(key)) affected.set(key, problem);
+        if (!affected.has(key)) intact += 1;
+      }
+    }
+    return { affected: [...affected].map(([checkpoint, why]) => ({ checkpoint, why })), checkpoints, intact };
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -1089,6 +1274,8 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       writes: new Map(),
       writeCache: undefined,
       writeCacheBytes: 0,
+      damage: new Map(),
+      aside: new Set(),
     } satisfies Partial<ThreadIndex>);
     await this.refresh(index);
     // On failure the next write opens the writer again (the lock is still this saver's).
@@ -1252,17 +1439,6 @@ async function hasHeader(file: string): Promise<boolean> {
   return line !== undefined && (JSON.parse(line.json) as { k?: unknown }).k === "hdr";
 }
 
-class CheckpointCorrupt extends CairnError {
-  constructor(file: string, offset: number, why: string) {
-    super(
-      "CHECKPOINT_CORRUPT",
-      `Checkpoint journal ${file} is damaged at byte ${offset}: ${why}. Nothing was loaded from it. ` +
-        `Restore the file from a backup, or move the thread's folder aside and start the thread again.`,
-      { file, offset },
-    );
-  }
-}
-
 function lockedBy(thread: string, lock: string, holder: LockHolder): CairnError {
   const who = holder.pid === process.pid && holder.host === hostname() ? "another store object in this process" : `pid ${holder.pid} on ${holder.host}`;
   return new CairnError(
@@ -1349,3 +1525,82 @@ async function readLock(file: string): Promise<LockHolder | "missing" | "garbled
   }
 }
 
+
+/** What a damaged line held, as far as its bytes still tell. */
+function identify(text: string): JournalDamage["held"] {
+  const kind = /"k":"(cp|w|hdr|end)"/.exec(text)?.[1];
+  const ns = /"ns":"((?:[^"\\]|\\.)*)"/.exec(text)?.[1] ?? "";
+  if (kind === "cp") {
+    const id = /"id":"([^"\\]+)"/.exec(text)?.[1];
+    return id ? { kind: "checkpoint", ns, checkpoint: id } : { kind: "checkpoint", ns };
+  }
+  if (kind === "w") {
+    const cp = /"cp":"([^"\\]+)"/.exec(text)?.[1];
+    return cp ? { kind: "writes", ns, checkpoint: cp } : { kind: "writes", ns };
+  }
+  if (kind === "hdr") return { kind: "header" };
+  if (kind === "end") return { kind: "end" };
+  return undefined;
+}
+
+const isObject = (v: unknown): v is Record<string, unknown> => typeof v === "object" && v !== null && !Array.isArray(v);
+
+/** What is structurally wrong with a record whose checksum holds (one cairn never wrote), if anything. */
+function structureProblem(record: unknown): string | undefined {
+  if (!isObject(record)) return "it is not a record (a JSON object)";
+  switch (record.k) {
+    case "hdr":
+      return typeof record.v === "number" && typeof record.thread === "string" ? undefined : "the header record lacks its version or thread";
+    case "cp": {
+      const ok =
+        typeof record.id === "string" &&
+        typeof record.ns === "string" &&
+        (record.parent === null || typeof record.parent === "string") &&
+        isObject(record.cp) &&
+        isObject(record.cp.channel_versions) &&
+        isObject(record.md) &&
+        isObject(record.blobs) &&
+        Object.values(record.blobs).every((b) => isObject(b) && typeof b.t === "string");
+      return ok ? undefined : "the checkpoint record lacks fields every checkpoint has (id, ns, parent, cp.channel_versions, md, blobs)";
+    }
+    case "w": {
+      const ok =
+        typeof record.ns === "string" &&
+        typeof record.cp === "string" &&
+        typeof record.task === "string" &&
+        typeof record.path === "string" &&
+        Array.isArray(record.w) &&
+        record.w.every((w) => isObject(w) && typeof w.i === "number" && typeof w.ch === "string" && typeof w.t === "string");
+      return ok ? undefined : "the task-results record lacks fields every one has (ns, cp, task, path, w)";
+    }
+    case "end":
+      return undefined;
+    case "aside":
+      return Array.isArray(record.ranges) && Array.isArray(record.checkpoints) ? undefined : "the set-aside record lacks its ranges or checkpoints";
+    default:
+      return `its kind ${JSON.stringify(record.k)} is not one cairn writes`;
+  }
+}
+
+/** A thread with damage not set aside is never read: say where, and the two ways on. */
+function refuseDamage(index: ThreadIndex): void {
+  const open = [...index.damage.values()].filter((d) => !d.setAside).sort((a, b) => a.offset - b.offset);
+  const first = open[0];
+  if (!first) return;
+  const held =
+    first.held?.kind === "checkpoint" && first.held.checkpoint
+      ? `; it held checkpoint ${first.held.checkpoint}`
+      : first.held?.kind === "writes" && first.held.checkpoint
+        ? `; it held saved task results of checkpoint ${first.held.checkpoint}`
+        : first.held?.kind === "header"
+          ? "; it is the journal's header"
+          : "";
+  const thread = index.thread;
+  throw new CairnError(
+    "CHECKPOINT_CORRUPT",
+    `Checkpoint journal ${first.file} of thread "${thread}" is damaged at byte ${first.offset}: ${first.why}${held}` +
+      `${open.length > 1 ? ` (${open.length} damaged records in all)` : ""}. Nothing was loaded from it. ` +
+      `See every damaged record with \`cairn verify ${thread}\`, or continue from the newest intact earlier checkpoint with \`cairn resume <graph.ts> --thread ${thread} --fallback\`.`,
+    { file: first.file, offset: first.offset, thread, hint: `cairn verify ${thread}` },
+  );
+}

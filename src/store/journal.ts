@@ -48,41 +48,66 @@ export function decodeLine(line: string): { batch: number; json: string } | unde
   return { batch: parseInt(body.slice(0, space), 16), json: body.slice(space + 1) };
 }
 
+/** A committed line that no longer reads back: its place, why, and its bytes (to tell what it held). */
+export interface DamagedLine extends RecordLocation {
+  why: string;
+  text: string;
+}
+
 /**
  * Scan `bytes` (the journal from offset `base` on) into records. Returns the records, the offset just
- * past the last good one, and whether bytes follow it that do not form good records (a torn tail, or
- * damage: the caller knows which). Throws CHECKPOINT_CORRUPT for a bad line followed by a later batch.
+ * past the last good one, whether bytes follow it that do not form good records (a torn tail, or
+ * damage: the caller knows which), and the damaged lines found before later good records.
+ *
+ * Telling damage from a torn tail: a bad line is damage when a good line of a LATER batch follows it
+ * (the writer starts a batch only after the previous one was fdatasync'ed, so the bad line had been
+ * acknowledged); the good lines of the bad line's own batch are then committed too, and kept. Bad lines
+ * with no later batch after them are the tail a crash tore, left out. A line whose checksum holds but
+ * whose JSON does not parse was written that way, never torn: it is damage wherever it is.
  */
-export function scanLines<T>(file: string, bytes: Buffer, base: number): { records: ScannedRecord<T>[]; validEnd: number; torn: boolean } {
+export function scanLines<T>(bytes: Buffer, base: number): { records: ScannedRecord<T>[]; validEnd: number; torn: boolean; damage: DamagedLine[] } {
   const records: ScannedRecord<T>[] = [];
+  const damage: DamagedLine[] = [];
   let pos = 0;
   let validEnd = base;
-  let badAt: number | undefined;
+  // Since the first bad line not yet judged: the bad lines, and good lines of that same batch.
+  let bad: DamagedLine[] = [];
+  let held: ScannedRecord<T>[] = [];
   while (pos < bytes.length) {
     const nl = bytes.indexOf(NEWLINE, pos);
     if (nl === -1) break; // no newline: the end of a torn write
-    const line = decodeLine(bytes.toString("utf8", pos, nl));
-    if (line === undefined) {
-      badAt ??= base + pos;
-    } else if (badAt !== undefined) {
-      // A good line after a bad one: the same unacknowledged batch (torn), or a later one (damage).
-      if (line.batch > badAt) throw damaged(file, badAt);
-    } else {
-      records.push({ offset: base + pos, length: nl + 1 - pos, record: JSON.parse(line.json) as T });
-      validEnd = base + nl + 1;
+    const text = bytes.toString("utf8", pos, nl);
+    const line = decodeLine(text);
+    const loc = { offset: base + pos, length: nl + 1 - pos };
+    let record: T | undefined;
+    if (line !== undefined) {
+      try {
+        record = JSON.parse(line.json) as T;
+      } catch {
+        damage.push({ ...loc, why: "its checksum matches but it is not valid JSON", text });
+      }
     }
+    if (line === undefined) {
+      bad.push({ ...loc, why: "it fails its checksum", text });
+    } else if (record !== undefined) {
+      const scanned = { ...loc, record };
+      if (bad.length > 0 && line.batch <= bad[0]!.offset) {
+        held.push(scanned); // the bad line's own batch: committed only if a later batch follows
+      } else {
+        if (bad.length > 0) {
+          damage.push(...bad);
+          records.push(...held);
+          bad = [];
+          held = [];
+        }
+        records.push(scanned);
+      }
+    }
+    if (bad.length === 0) validEnd = base + nl + 1;
     pos = nl + 1;
   }
-  return { records, validEnd, torn: validEnd < base + bytes.length };
-}
-
-function damaged(file: string, offset: number): CairnError {
-  return new CairnError(
-    "CHECKPOINT_CORRUPT",
-    `Checkpoint journal ${file} is damaged at byte ${offset}: a committed record fails its checksum and later records are intact. ` +
-      `Nothing was loaded from it. Restore the file from a backup, or move the thread's folder aside and start the thread again.`,
-    { file, offset },
-  );
+  damage.sort((a, b) => a.offset - b.offset);
+  return { records, validEnd, torn: validEnd < base + bytes.length, damage };
 }
 
 /**
@@ -226,5 +251,9 @@ export async function readRecord<T>(handle: FileHandle, file: string, loc: Recor
       { file, offset: loc.offset },
     );
   }
-  return JSON.parse(line.json) as T;
+  try {
+    return JSON.parse(line.json) as T;
+  } catch (cause) {
+    throw new CairnError("CHECKPOINT_CORRUPT", `Checkpoint journal ${file} is damaged: the record at byte ${loc.offset} matches its checksum but is not valid JSON. Nothing was loaded from it. Run \`cairn verify\` to see every damaged record.`, { file, offset: loc.offset }, { cause });
+  }
 }

@@ -237,15 +237,15 @@ for (const store of STORES) {
   });
 }
 
-describe("a 1,000,000-item list in the state", () => {
+describe("a 100,000-item list in the state (1,000,000 is measured by bench/big-state.ts)", () => {
   let dir = "";
   beforeAll(async () => {
     dir = await mkdtemp(join(tmpdir(), "cairn-hostile-big-"));
   });
   afterAll(() => rm(dir, { recursive: true, force: true }));
 
-  it("runs, fails after it, and resumes with every item intact (file store)", { timeout: 120_000 }, async () => {
-    const COUNT = 1_000_000;
+  it("runs, fails after it, and resumes with every item intact (file store)", { timeout: 90_000 }, async () => {
+    const COUNT = 100_000;
     let fail = true;
     let seenLength = 0;
     const wf = workflow("big-list", { state: z.object({ rows: z.array(z.object({ i: z.number(), tag: z.string() })).default([]), total: z.number().default(0) }) })

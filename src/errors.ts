@@ -19,6 +19,7 @@ export type CairnErrorCode =
   | "ARTIFACT_NOT_FOUND"
   | "FINGERPRINT_MISMATCH"
   | "STATE_SCHEMA_MISMATCH"
+  | "INVALID_STATE"
   | "IMPORT_INVALID";
 
 /** Codes whose errors are the user's input at fault: the CLI exits 2 for them, before anything is written. */

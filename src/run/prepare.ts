@@ -1,6 +1,7 @@
 import { RunnableLambda, type Runnable, type RunnableConfig } from "@langchain/core/runnables";
-import { StateGraph, type BaseCheckpointSaver } from "@langchain/langgraph";
+import { isCommand, StateGraph, type BaseCheckpointSaver } from "@langchain/langgraph";
 import { CairnError } from "../errors.ts";
+import { findUnstorable, findUnstorableField, type UnstorableValue } from "../store/values.ts";
 import { isWorkflow, taskIdOf, type Workflow } from "../workflow/builder.ts";
 import { markSharedSignal, RunRuntime, type RunEvent } from "../workflow/instrument.ts";
 import { RecordingSaver } from "./recording.ts";
@@ -74,7 +75,8 @@ export function prepareRun(
   const runtime = new RunRuntime(thread, signal, emit);
   setup(runtime);
   const name = "graph";
-  const recording = new RecordingSaver(saver, runtime, name);
+  // A workflow's steps are checked as they return (see the builder); a plain graph's writes here.
+  const recording = new RecordingSaver(saver, runtime, name, { checkValues: true });
   runtime.flushWrites = () => recording.flush();
   const graph = compileInstrumented(builder, runtime, recording);
   return {
@@ -103,9 +105,11 @@ function compileInstrumented(builder: StateGraph<any, any, any, any, any, any>, 
         name,
         undefined,
         taskIdOf(config),
-        () => {
+        async () => {
           markSharedSignal(config);
-          return inner.invoke(input, { ...config, signal: runtime.signal });
+          const output: unknown = await inner.invoke(input, { ...config, signal: runtime.signal });
+          checkNodeOutput(name, output);
+          return output;
         },
         { retry: false },
       ),
@@ -116,6 +120,32 @@ function compileInstrumented(builder: StateGraph<any, any, any, any, any, any>, 
   } finally {
     for (const [name, runnable] of originals) nodes[name]!.runnable = runnable;
   }
+}
+
+/**
+ * Refuse a plain graph node's output that the store would not give back as it is, inside the node's
+ * task: it fails like a failing node, before its writes are saved.
+ */
+function checkNodeOutput(node: string, output: unknown): void {
+  if (typeof output !== "object" || output === null) return;
+  // A Command carries its state update in `update`; a plain object is the update itself.
+  const update = isCommand(output) ? output.update : output;
+  let unstorable: UnstorableValue | undefined;
+  if (Array.isArray(update)) {
+    for (const pair of update as unknown[]) {
+      if (!Array.isArray(pair) || typeof pair[0] !== "string") continue;
+      unstorable = findUnstorable(pair[1], pair[0]);
+      if (unstorable) break;
+    }
+  } else if (typeof update === "object" && update !== null && !Array.isArray(output)) {
+    unstorable = findUnstorableField(update as Record<string, unknown>);
+  }
+  if (!unstorable) return;
+  throw new CairnError(
+    "INVALID_STATE",
+    `Node "${node}" returned a value the store cannot keep exactly: ${unstorable.path} is ${unstorable.kind}. Instead, ${unstorable.instead}. Nothing of the node was saved; fix it and resume the thread.`,
+    { step: node, path: unstorable.path, kind: unstorable.kind },
+  );
 }
 
 function isReducerChannel(builder: StateGraph<any, any, any, any, any, any>, channel: string): boolean {

@@ -10,6 +10,8 @@ import {
   type PendingWrite,
 } from "@langchain/langgraph-checkpoint";
 import { USAGE_CHANNEL } from "../channels.ts";
+import { CairnError } from "../errors.ts";
+import { findUnstorable } from "../store/values.ts";
 import type { RunRuntime } from "../workflow/instrument.ts";
 import { compactFingerprint, type FingerprintRecord } from "./fingerprint.ts";
 import { addUsage, NO_USAGE, subtractUsage, type Usage } from "../workflow/usage.ts";
@@ -69,6 +71,7 @@ export class RecordingSaver extends BaseCheckpointSaver {
     readonly inner: BaseCheckpointSaver,
     private readonly runtime: RunRuntime,
     private readonly workflow: string,
+    private readonly options: { checkValues?: boolean } = {},
   ) {
     super(inner.serde);
   }
@@ -82,6 +85,7 @@ export class RecordingSaver extends BaseCheckpointSaver {
   }
 
   async putWrites(config: RunnableConfig, writes: PendingWrite[], taskId: string, taskPath?: string): Promise<void> {
+    if (this.options.checkValues) checkWrites(writes);
     const every = this.runtime.saveEveryOf(taskId);
     if (every > 1 && !writes.some(([channel]) => channel === "__error__")) {
       // Held back: written with the next batch, at the step boundary, or before a failure or stop
@@ -133,6 +137,7 @@ export class RecordingSaver extends BaseCheckpointSaver {
   }
 
   async put(config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata, newVersions: ChannelVersions): Promise<RunnableConfig> {
+    if (this.options.checkValues) checkChannels(checkpoint, newVersions);
     if ((config.configurable?.checkpoint_ns ?? "") !== "") return this.inner.put(config, checkpoint, metadata, newVersions);
     await this.flush();
     const tasks = this.runtime.drainFinished();
@@ -205,6 +210,40 @@ export class RecordingSaver extends BaseCheckpointSaver {
     const tuple = await this.inner.getTuple({ configurable: { thread_id: config.configurable?.thread_id, checkpoint_ns: "", checkpoint_id: parent } });
     return totalOf(tuple);
   }
+}
+
+/**
+ * Refuse a checkpoint holding a value the store would not give back as it is (see `findUnstorable`).
+ * Only the channels this checkpoint changed are walked: the others were checked when they were written.
+ */
+function checkChannels(checkpoint: Checkpoint, newVersions: ChannelVersions): void {
+  for (const channel of Object.keys(newVersions)) {
+    const unstorable = findUnstorable(checkpoint.channel_values[channel], rootOf(channel));
+    if (!unstorable) continue;
+    throw new CairnError(
+      "INVALID_STATE",
+      `The state cannot be saved exactly: ${unstorable.path} (channel "${channel}") is ${unstorable.kind}. Instead, ${unstorable.instead}. Nothing was saved for this checkpoint.`,
+      { channel, path: unstorable.path, kind: unstorable.kind },
+    );
+  }
+}
+
+/** The same check for task writes (a graph's input arrives as one, before its first checkpoint). */
+function checkWrites(writes: PendingWrite[]): void {
+  for (const [channel, value] of writes) {
+    const unstorable = findUnstorable(value, rootOf(channel));
+    if (!unstorable) continue;
+    throw new CairnError(
+      "INVALID_STATE",
+      `The state cannot be saved exactly: ${unstorable.path} (channel "${channel}") is ${unstorable.kind}. Instead, ${unstorable.instead}. Nothing was saved for this write.`,
+      { channel, path: unstorable.path, kind: unstorable.kind },
+    );
+  }
+}
+
+/** A graph's input travels in LangGraph's `__start__` channel: name it as the input. */
+function rootOf(channel: string): string {
+  return channel === "__start__" ? "input" : channel;
 }
 
 /** How long a held-back fan-out write may wait for its batch to fill. */

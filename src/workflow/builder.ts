@@ -6,6 +6,7 @@ import { CairnError } from "../errors.ts";
 import { markSharedSignal, type RetryPolicy, type RunRuntime, type TaskPolicy } from "./instrument.ts";
 import { addUsage, isEmptyUsage, usageFrom, type Pricing, type Usage, type UsageReport } from "./usage.ts";
 import type { ArtifactRef, PutArtifactOptions } from "../store/artifacts.ts";
+import { findUnstorable, findUnstorableField, type UnstorableValue } from "../store/values.ts";
 
 import { DONE_CHANNEL, FINGERPRINT_CHANNEL, gatherNode, mapChannel, undoChannel, USAGE_CHANNEL } from "../channels.ts";
 import { hashOf } from "./hash.ts";
@@ -370,6 +371,14 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
         { cause: result.error },
       );
     }
+    const unstorable = findUnstorableField(result.data as Record<string, unknown>);
+    if (unstorable) {
+      throw new CairnError(
+        "INVALID_INPUT",
+        `Input for workflow "${this.name}" holds a value the store cannot keep exactly: ${unstorable.path} is ${unstorable.kind}. Instead, ${unstorable.instead}.`,
+        { fields: [unstorable.path], path: unstorable.path, kind: unstorable.kind },
+      );
+    }
     return result.data;
   }
 
@@ -396,7 +405,13 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
     const stepCtx = { ...ctx, step, attempt: 1, resumed: false };
     if (def.kind === "step") return this.checkUpdate(step, await def.fn!(state, stepCtx));
     const items = def.map!.over(state);
-    const results = await Promise.all(items.map((item, index) => def.map!.run(item, { ...stepCtx, index })));
+    const results = await Promise.all(
+      items.map(async (item, index) => {
+        const result = await def.map!.run(item, { ...stepCtx, index });
+        checkStorable(`Item ${index} of step "${step}"`, step, findUnstorable(result, `${def.map!.into}[${index}]`));
+        return result;
+      }),
+    );
     return { [def.map!.into]: results } as Partial<z.infer<Schema>>;
   }
 
@@ -500,6 +515,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
             async (attempt) => {
               const ctx: ItemContext = { ...ctxFor(def.name, config, attempt, arg.__cairn_index), index: arg.__cairn_index };
               const result = await map.run(arg.__cairn_item, ctx);
+              checkStorable(`Item ${arg.__cairn_index} of step "${def.name}"`, def.name, findUnstorable(result, `${map.into}[${arg.__cairn_index}]`));
               return { [mapChannel(def.name)]: [{ i: arg.__cairn_index, r: result }], ...spent(config) };
             },
             policyOf(def),
@@ -595,6 +611,7 @@ export class Workflow<Schema extends AnyZodObject, Names extends string = never>
     if (!result.success) {
       throw new CairnError("INVALID_ARGUMENT", `Step "${step}" returned an update that does not match the state schema (output of the step):\n${z.prettifyError(result.error)}`, { step }, { cause: result.error });
     }
+    checkStorable(`Step "${step}"`, step, findUnstorableField(update as Record<string, unknown>));
     return update as Partial<z.infer<Schema>>;
   }
 }
@@ -619,6 +636,19 @@ export function appendList<T extends z.ZodType>(item: T) {
     .array(item)
     .default([])
     .register(registry, { reducer: { fn: (a: z.infer<T>[], b: z.infer<T>[] | z.infer<T>) => a.concat(b as z.infer<T>[]) }, default: () => [] as z.infer<T>[] });
+}
+
+/**
+ * Refuse a step's output that the store would not give back as it is (see `findUnstorable`). Thrown
+ * inside the step's task, so the step fails like any failing step and nothing of it is saved.
+ */
+function checkStorable(who: string, step: string, unstorable: UnstorableValue | undefined): void {
+  if (!unstorable) return;
+  throw new CairnError(
+    "INVALID_STATE",
+    `${who} returned a value the store cannot keep exactly: ${unstorable.path} is ${unstorable.kind}. Instead, ${unstorable.instead}. Nothing of the step was saved; fix it and resume the thread.`,
+    { step, path: unstorable.path, kind: unstorable.kind },
+  );
 }
 
 /** The names among `candidates` that appear quoted in `source`, in the order they first appear. */

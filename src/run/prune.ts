@@ -3,7 +3,7 @@ import type { CheckpointTuple } from "@langchain/langgraph-checkpoint";
 import { CairnError, isCairnError } from "../errors.ts";
 import { latestTuple, readHistory, statusOf, type HistoryEntry, type ThreadStatus } from "../inspect/history.ts";
 import { isArtifactRef } from "../store/artifacts.ts";
-import { openStore, type OpenedStore } from "../store/open.ts";
+import { withStore, type OpenedStore } from "../store/open.ts";
 
 /**
  * Retention and cleanup: removing checkpoints (`prune`), whole threads (`removeThread`) and artifacts
@@ -524,12 +524,3 @@ export async function keepFinalCheckpoint(store: OpenedStore, thread: string): P
   return report;
 }
 
-async function withStore<R>(options: StoreChoice, fn: (store: OpenedStore) => Promise<R>): Promise<R> {
-  if (typeof options.store === "object") return fn(options.store);
-  const store = await openStore(options.store, { cwd: options.cwd });
-  try {
-    return await fn(store);
-  } finally {
-    await store.close();
-  }
-}

@@ -5,7 +5,7 @@ import { customAlphabet } from "nanoid";
 import { CairnError, isCairnError } from "../errors.ts";
 import { checkCheckpointId, checkpointNotFound, currentBranch, latestTuple, readHistory, spentAt, spentInAll } from "../inspect/history.ts";
 import { FileCheckpointSaver } from "../store/file.ts";
-import { openStore, type OpenedStore } from "../store/open.ts";
+import { withStore, type OpenedStore } from "../store/open.ts";
 import { errorWrites, visibleState } from "../store/steps.ts";
 import { DONE_CHANNEL, isWorkflow, undoChannel, unknownStep, type UndoRecord, type Workflow } from "../workflow/builder.ts";
 import { attemptKey, type RunEvent, type StopReason } from "../workflow/instrument.ts";
@@ -620,12 +620,4 @@ function checkThreadId(thread: string): void {
   }
 }
 
-export async function withStore<R>(options: RunCommonOptions, fn: (store: OpenedStore) => Promise<R>): Promise<R> {
-  if (typeof options.store === "object") return fn(options.store);
-  const store = await openStore(options.store, { cwd: options.cwd });
-  try {
-    return await fn(store);
-  } finally {
-    await store.close();
-  }
-}
+export { withStore };

@@ -678,19 +678,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
         // The thread was deleted and made again (or the file replaced): what this index knew is void.
         await index.reader?.close();
         index.reader = undefined;
-        Object.assign(index, {
-          validEnd: 0,
-          rootCount: 0,
-          lastKind: undefined,
-          checkpoints: new Map(),
-          sorted: new Map(),
-          blobs: new Map(),
-          writes: new Map(),
-          writeCache: undefined,
-          writeCacheBytes: 0,
-          damage: new Map(),
-          aside: new Set(),
-        });
+        Object.assign(index, emptyIndexState());
       }
       index.journalId = journalId;
       if (size <= index.validEnd) return;
@@ -1265,17 +1253,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       opening: undefined,
       reader: undefined,
       journalId: undefined,
-      validEnd: 0,
-      rootCount: 0,
-      lastKind: undefined,
-      checkpoints: new Map(),
-      sorted: new Map(),
-      blobs: new Map(),
-      writes: new Map(),
-      writeCache: undefined,
-      writeCacheBytes: 0,
-      damage: new Map(),
-      aside: new Set(),
+      ...emptyIndexState(),
     } satisfies Partial<ThreadIndex>);
     await this.refresh(index);
     // On failure the next write opens the writer again (the lock is still this saver's).
@@ -1373,6 +1351,23 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     if ("b64" in value) return this.serde.loadsTyped(value.t, new Uint8Array(Buffer.from(value.b64, "base64")));
     return undefined;
   }
+}
+
+/** What a thread's index knows from scanning its journal, as before any scan: set when the journal is replaced. */
+function emptyIndexState() {
+  return {
+    validEnd: 0,
+    rootCount: 0,
+    lastKind: undefined,
+    checkpoints: new Map(),
+    sorted: new Map(),
+    blobs: new Map(),
+    writes: new Map(),
+    writeCache: undefined,
+    writeCacheBytes: 0,
+    damage: new Map(),
+    aside: new Set(),
+  } satisfies Partial<ThreadIndex>;
 }
 
 function requireThread(config: RunnableConfig, action: string): string {

@@ -309,3 +309,14 @@ async function openPostgres(target: Extract<StoreTarget, { kind: "postgres" }>):
 function sortIds(ids: string[]): string[] {
   return ids.sort();
 }
+
+/** Use the store given as an object as is, or open the one a URI names for the call and close it after. */
+export async function withStore<R>(options: { store?: string | OpenedStore; cwd?: string }, fn: (store: OpenedStore) => Promise<R>): Promise<R> {
+  if (typeof options.store === "object") return fn(options.store);
+  const store = await openStore(options.store, { cwd: options.cwd });
+  try {
+    return await fn(store);
+  } finally {
+    await store.close();
+  }
+}

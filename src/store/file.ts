@@ -980,13 +980,18 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   }
 
   /**
-   * Take the thread's writer lock now (and open its journal for appending), or fail with THREAD_LOCKED
+   * Take the thread's writer lock now, or fail with THREAD_LOCKED
    * naming the holder. A thread that does not exist yet is locked by its first write. Held until
    * {@link close}.
    */
   async lockThread(threadId: string): Promise<void> {
-    if (!(await this.index(threadId, true))) return;
-    await this.gate(threadId).shared(() => this.writableIndex(threadId, true));
+    const index = await this.index(threadId, true);
+    if (!index) return;
+    // Only the lock: the journal is opened (and the generation's `gen` record appended) by the first
+    // write, so a run refused after this point leaves the thread's files as they were.
+    await this.gate(threadId).shared(async () => {
+      if (!index.locked) await this.acquireLock(index);
+    });
   }
 
   /** Who holds the thread's writer lock, if anyone. */

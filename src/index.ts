@@ -55,6 +55,7 @@ export { FileCheckpointSaver, FILE_STORE_FORMAT_VERSION } from "./store/file.ts"
 export type { FileCheckpointSaverOptions, DeletedCheckpoints, JournalDamage, DamagedCheckpoint, ThreadVerification } from "./store/file.ts";
 export { openStore, DEFAULT_STORE_URI } from "./store/open.ts";
 export type { OpenedStore, StoreKind } from "./store/open.ts";
+export type { LockHolder } from "./store/lease.ts";
 
 // Errors
 export { CairnError, isCairnError, USAGE_ERROR_CODES } from "./errors.ts";

@@ -199,7 +199,8 @@ describe("FileCheckpointSaver: a torn tail (a crash mid-write) loses only the un
       expect((await latestOf(third, "t"))?.checkpoint.channel_values).toEqual(next!.values);
       expect((await third.getTuple(config("t", puts[1]!.id)))?.checkpoint.channel_values).toEqual(puts[1]!.values);
       const lines = await journalLines(file);
-      expect(lines.map((l) => (l.record.k === "cp" ? l.record.id : l.record.k))).toEqual(["hdr", puts[0]!.id, puts[1]!.id, next!.id, "end"]);
+      // Each writer opens with a "gen" record (its generation takes the thread).
+      expect(lines.map((l) => (l.record.k === "cp" ? l.record.id : l.record.k))).toEqual(["hdr", "gen", puts[0]!.id, puts[1]!.id, "gen", next!.id, "end"]);
     });
   }
 

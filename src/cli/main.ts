@@ -14,6 +14,7 @@ import { resumeCommand, usage as resumeUsage } from "./resume.ts";
 import { rmCommand, usage as rmUsage } from "./rm.ts";
 import { runCommand, usage as runUsage } from "./run.ts";
 import { threadsCommand, usage as threadsUsage } from "./threads.ts";
+import { unlockCommand, usage as unlockUsage } from "./unlock.ts";
 import { verifyCommand, usage as verifyUsage } from "./verify.ts";
 
 const COMMANDS: Record<string, (argv: string[], io: Io) => Promise<number>> = {
@@ -30,12 +31,13 @@ const COMMANDS: Record<string, (argv: string[], io: Io) => Promise<number>> = {
   rm: rmCommand,
   prune: pruneCommand,
   verify: verifyCommand,
+  unlock: unlockCommand,
 };
 
 const HELP = `cairn — durable checkpoints, resume and restart-from-step for long AI generation pipelines
 
 Commands:
-${[runUsage, resumeUsage, threadsUsage, historyUsage, inspectUsage, artifactsUsage, diffUsage, graphUsage, exportUsage, importUsage, rmUsage, pruneUsage, verifyUsage].map((u) => `  ${u.split("\n")[0]}`).join("\n")}
+${[runUsage, resumeUsage, threadsUsage, historyUsage, inspectUsage, artifactsUsage, diffUsage, graphUsage, exportUsage, importUsage, rmUsage, pruneUsage, verifyUsage, unlockUsage].map((u) => `  ${u.split("\n")[0]}`).join("\n")}
 
 Every command takes --store <uri> (file:<dir>, sqlite:<path>, postgres://…; default $CAIRN_STORE or file:.cairn),
 --json, --verbose (stack traces) and --help.`;

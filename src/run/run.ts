@@ -151,6 +151,9 @@ export async function run<T extends RunTarget>(target: T, options: StartOptions 
         { thread },
       );
     }
+    // One writer per thread: fail fast if another process holds it (on the file store a new thread is
+    // locked by its first write).
+    await store.lockThread(thread);
     const prepared = prepare(target, store, thread, options);
     prepared.saver.fingerprint = fingerprint.record;
     options.onStart?.({ thread, store: store.uri, skipped: [], notices: [] });
@@ -183,6 +186,9 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
   return withStore(options, async (store) => {
     const fallbackNotices: string[] = [];
     const latest = await latestOrFallback(store, thread, options.fallback === true, fallbackNotices);
+    // One writer per thread: taken once the thread is known to exist and be readable, before anything is
+    // decided from it. Fails fast with THREAD_LOCKED naming the holder; held until the store is closed.
+    await store.lockThread(thread);
     const at = checkpoint === undefined ? latest : await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: checkpoint } });
     if (!at) throw checkpointNotFound(thread, checkpoint!, store.uri);
     // Every check before anything is written: a refused resume leaves the thread as it was.

@@ -1,4 +1,4 @@
-import { link, mkdir, open, readdir, readFile, rename, rm, stat, unlink, writeFile, type FileHandle } from "node:fs/promises";
+import { appendFile, link, mkdir, open, readdir, readFile, rename, rm, stat, unlink, utimes, writeFile, type FileHandle } from "node:fs/promises";
 import { hostname } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import type { RunnableConfig } from "@langchain/core/runnables";
@@ -21,10 +21,10 @@ import {
 } from "@langchain/langgraph-checkpoint";
 import { MAP_PREFIX } from "../channels.ts";
 import { CairnError } from "../errors.ts";
-import { JournalWriter, createJournal, decodeLine, encodeLine, readRecord, scanLines, type RecordLocation } from "./journal.ts";
+import { JournalWriter, createJournal, decodeLine, encodeLine, readRecord, scanLines, withGen, type RecordLocation } from "./journal.ts";
+import { isStale, leaseMs, lostLock, type LockHolder as PublicHolder } from "./lease.ts";
 import { ThreadGate } from "./gate.ts";
 import { decodeThreadDir, encodeThreadDir, stepFileName } from "./names.ts";
-import { processState } from "./process.ts";
 import { isInternalChannel, nodesThatRan } from "./steps.ts";
 import { uniqueVersion } from "./versions.ts";
 import { fsyncDir } from "./fsync.ts";
@@ -45,6 +45,12 @@ interface LockHolder {
   since: string;
   /** The saver object holding it, so two savers in one process exclude each other too. */
   saver: string;
+  /** The generation the holder writes with (absent on locks of older versions). */
+  gen?: number;
+  /** Its lease in ms: the lock expires this long after the file's mtime, which the holder keeps touching. */
+  lease?: number;
+  /** Derived on reading: mtime + lease. */
+  expires?: string;
 }
 
 let saverCount = 0;
@@ -101,7 +107,29 @@ interface AsideRecord {
   ranges: { offset: number; length: number; why: string }[];
   checkpoints: string[];
 }
-type JournalRecord = HeaderRecord | CheckpointRecord | WritesRecord | EndRecord | AsideRecord;
+/**
+ * Appended by a process that takes the thread's writer lock (and by `cairn unlock`, which breaks one).
+ *
+ * Generations: every record carries the generation `g` of the writer that appended it (absent: 0). A
+ * `gen` record with a generation above the current one makes it current; from there on, records of any
+ * other generation are ignored by every reader. A writer paused while its lock was taken over (a
+ * "zombie") can only append after the new holder's `gen` record (appends use O_APPEND, never a position),
+ * so whatever it writes then carries an older generation and is never read: the history cannot fork.
+ * The new holder reads the journal after its `gen` record is on disk, so it sees every record that came
+ * before. A lock file names its holder's generation, so a holder taking over a stale lock, or `cairn
+ * unlock` breaking one, picks a higher generation than the one it displaces, even if that holder has not
+ * appended its own `gen` record yet.
+ */
+interface GenRecord {
+  k: "gen";
+  g: number;
+  pid?: number;
+  host?: string;
+  at: string;
+  /** Set when `cairn unlock` wrote it: a fence with no writer behind it. */
+  unlock?: boolean;
+}
+type JournalRecord = (HeaderRecord | CheckpointRecord | WritesRecord | EndRecord | AsideRecord | GenRecord) & { g?: number };
 
 /** A damaged stretch of a journal, and what it can be told to have held. */
 export interface JournalDamage {
@@ -182,6 +210,16 @@ interface ThreadIndex {
   damage: Map<number, JournalDamage>;
   /** Offsets of damage set aside by an `aside` record. */
   aside: Set<number>;
+  /** The current generation: records of any other are ignored (see GenRecord). */
+  gen: number;
+  /** The highest generation any record or lock of this journal named. */
+  maxGen: number;
+  /** Records ignored because a newer generation had taken the thread before they landed. */
+  fenced: number;
+  /** This saver's generation while it holds the lock. */
+  myGen?: number;
+  /** Keeps the lock's lease alive while held. */
+  heartbeat?: ReturnType<typeof setInterval>;
 }
 
 /** Bytes of write records a thread's index keeps read (a bound, not a target). */
@@ -632,6 +670,9 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       rootCount: 0,
       damage: new Map(),
       aside: new Set(),
+      gen: 0,
+      maxGen: 0,
+      fenced: 0,
     };
     await this.refresh(index);
     if (index.validEnd === 0) {
@@ -687,7 +728,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     } finally {
       await handle.close();
     }
-    const { records, validEnd, torn, damage } = scanLines<JournalRecord>(bytes, index.validEnd);
+    const { records, validEnd, torn, damage } = scanLines<JournalRecord>(bytes, index.validEnd, (r) => isObject(r) && r.k === "gen");
     for (const d of damage) this.noteDamage(index, d, d.why, identify(d.text));
     const last = records.length ? records[records.length - 1]!.record.k : index.lastKind;
     // Bad bytes after the last good record are an unfinished write, unless that record is the "end" a
@@ -703,6 +744,20 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       const wrong = structureProblem(record);
       if (wrong) {
         this.noteDamage(index, loc, `its checksum matches but ${wrong}`, identify(JSON.stringify(record)));
+        continue;
+      }
+      const g = typeof record.g === "number" ? record.g : 0;
+      if (record.k === "gen") {
+        index.maxGen = Math.max(index.maxGen, g);
+        if (g > index.gen) index.gen = g;
+        else index.fenced += 1; // a takeover that came too late: its writer lost the race
+        continue;
+      }
+      if (record.k === "hdr") {
+        index.gen = g;
+        index.maxGen = Math.max(index.maxGen, g);
+      } else if (g !== index.gen) {
+        index.fenced += 1; // written by a holder that had lost the lock: never part of the history
         continue;
       }
       if (record.k === "aside") {
@@ -786,8 +841,17 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
           await removeUnfinishedCompactions(opened.dir);
           // Scan again under the lock: only bytes past the last good record (a torn tail) are cut.
           await this.refresh(opened);
-          opened.writer = await JournalWriter.open(opened.file, opened.validEnd, () => this.checkStillWriter(opened));
+          const gen = opened.myGen!;
+          if (opened.maxGen >= gen) throw lostLock(opened.thread, join(opened.dir, LOCK), { file: opened.file });
+          opened.writer = await this.openWriter(opened, gen);
+          // The takeover: from this record on, only this generation's records count. Then read what
+          // landed before it (a paused holder's last write), so this writer continues from all of it.
+          await opened.writer.append(JSON.stringify({ k: "gen", pid: process.pid, host: hostname(), at: new Date().toISOString() }));
+          await this.scanTail(opened);
+          if (opened.gen !== gen) throw lostLock(opened.thread, join(opened.dir, LOCK), { file: opened.file });
         } catch (error) {
+          await opened.writer?.close().catch(() => {});
+          opened.writer = undefined;
           await this.releaseLock(opened);
           throw error;
         }
@@ -805,17 +869,21 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   /**
    * Take the thread's writer lock: one writer per thread, across processes and saver objects. The lock
    * file is made complete under a temporary name and linked into place, which fails if a lock exists. A
-   * lock whose process is gone (on this host) is moved aside and taken over.
+   * lock whose process is gone (on this host), or whose lease ran out (its holder stopped renewing it:
+   * paused, stuck, or on another host), is moved aside and taken over. The lock names a generation above
+   * every one this thread has seen, the displaced lock's included (see GenRecord).
    */
   private async acquireLock(index: ThreadIndex): Promise<void> {
     const lock = join(index.dir, LOCK);
-    const mine: LockHolder = { pid: process.pid, host: hostname(), since: new Date().toISOString(), saver: this.saverId };
+    let floor = 0;
     for (let attempt = 0; attempt < 5; attempt += 1) {
+      const gen = Math.max(floor, index.maxGen) + 1;
+      const mine: LockHolder = { pid: process.pid, host: hostname(), since: new Date().toISOString(), saver: this.saverId, gen, lease: this.leaseMs };
       const tmp = join(index.dir, `.${LOCK}.${this.saverId}`);
       await writeFile(tmp, JSON.stringify(mine) + "\n");
       try {
         await link(tmp, lock);
-        index.locked = true;
+        this.holdLock(index, gen);
         return;
       } catch (error) {
         if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw error;
@@ -825,10 +893,11 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       const holder = await readLock(lock);
       if (holder === "missing") continue; // released meanwhile: try again
       if (holder !== "garbled" && holder.saver === this.saverId) {
-        index.locked = true;
+        this.holdLock(index, holder.gen ?? gen);
         return;
       }
-      if (holder === "garbled" || processState(holder.pid, holder.host) === "dead") {
+      if (holder === "garbled" || isStale(holder)) {
+        if (holder !== "garbled") floor = Math.max(floor, holder.gen ?? 0);
         await this.moveStaleLock(lock, holder);
         continue;
       }
@@ -839,6 +908,23 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       file: lock,
     });
   }
+
+  /** Note the lock as held and keep its lease alive: the lock file's mtime is touched every third of it. */
+  private holdLock(index: ThreadIndex, gen: number): void {
+    index.locked = true;
+    index.myGen = gen;
+    clearInterval(index.heartbeat);
+    const lock = join(index.dir, LOCK);
+    // Touching a lock that is no longer ours (taken over meanwhile) only lengthens its holder's lease.
+    index.heartbeat = setInterval(() => {
+      const now = new Date();
+      utimes(lock, now, now).catch(() => {});
+    }, Math.max(10, Math.floor(this.leaseMs / 3)));
+    index.heartbeat.unref();
+  }
+
+  /** The lease this saver's locks are taken with (`CAIRN_LEASE_MS` when the saver was made, else 30 s). */
+  private readonly leaseMs = leaseMs();
 
   /**
    * Move a dead holder's lock aside. Between reading the lock and moving it, another process may have
@@ -860,24 +946,99 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   /**
    * Before each batch: this saver still holds the thread's lock (its content names this saver: inode
    * numbers are reused as soon as a file is removed, so they cannot tell one lock file from the next).
+   * This is a fast way to stop, not the fence: a writer paused between this check and its append is
+   * fenced by the generations (see GenRecord).
    */
   private async checkStillWriter(index: ThreadIndex): Promise<void> {
     const lock = join(index.dir, LOCK);
     const holder = await readLock(lock).catch(() => "missing" as const);
     if (typeof holder === "object" && holder.saver === this.saverId) return;
+    clearInterval(index.heartbeat);
     throw new CairnError(
       "THREAD_LOCKED",
-      `This process no longer holds the writer lock of thread "${index.thread}" (${lock} was removed or taken over, or the thread was deleted), so it stopped writing. ` +
+      `This process no longer holds the writer lock of thread "${index.thread}" (${lock} was removed or taken over, its lease ran out, or the thread was deleted), so it stopped writing. ` +
         `Check \`cairn threads\` for another run of this thread before resuming it.`,
-      { thread: index.thread, file: lock },
+      { thread: index.thread, file: lock, lost: true },
     );
   }
 
   private async releaseLock(index: ThreadIndex): Promise<void> {
+    clearInterval(index.heartbeat);
+    index.heartbeat = undefined;
     const lock = join(index.dir, LOCK);
     const holder = await readLock(lock);
     if (typeof holder === "object" && holder.saver === this.saverId) await unlink(lock).catch(() => {});
     index.locked = false;
+    index.myGen = undefined;
+  }
+
+  private openWriter(index: ThreadIndex, gen: number): Promise<JournalWriter> {
+    return JournalWriter.open(index.file, index.validEnd, () => this.checkStillWriter(index), gen, () => {
+      clearInterval(index.heartbeat);
+      return lostLock(index.thread, join(index.dir, LOCK), { file: index.file });
+    });
+  }
+
+  /**
+   * Take the thread's writer lock now, or fail with THREAD_LOCKED
+   * naming the holder. A thread that does not exist yet is locked by its first write. Held until
+   * {@link close}.
+   */
+  async lockThread(threadId: string): Promise<void> {
+    const index = await this.index(threadId, true);
+    if (!index) return;
+    // Only the lock: the journal is opened (and the generation's `gen` record appended) by the first
+    // write, so a run refused after this point leaves the thread's files as they were.
+    await this.gate(threadId).shared(async () => {
+      if (!index.locked) await this.acquireLock(index);
+    });
+  }
+
+  /** Who holds the thread's writer lock, if anyone. */
+  async lockHolder(threadId: string): Promise<(PublicHolder & { stale: boolean; mine: boolean }) | undefined> {
+    const holder = await readLock(join(this.threadDir(threadId), LOCK));
+    if (holder === "missing") return undefined;
+    if (holder === "garbled") return { pid: 0, host: "?", since: "?", stale: true, mine: false };
+    return { pid: holder.pid, host: holder.host, since: holder.since, expires: holder.expires, stale: isStale(holder), mine: holder.saver === this.saverId };
+  }
+
+  /**
+   * Break the thread's writer lock: a stale one always, a live one only with `force`. First a `gen`
+   * record above the holder's generation is appended to the journal, so nothing that holder writes
+   * afterwards is ever read (it stops with THREAD_LOCKED at its next write); then the lock is removed.
+   */
+  async unlockThread(threadId: string, force: boolean): Promise<PublicHolder | undefined> {
+    const dir = this.threadDir(threadId);
+    const lock = join(dir, LOCK);
+    const holder = await readLock(lock);
+    if (holder === "missing") return undefined;
+    if (holder !== "garbled" && !force && !isStale(holder)) throw lockedBy(threadId, lock, holder);
+    const index = await this.index(threadId, true);
+    if (index) {
+      const fence = Math.max(index.maxGen, holder === "garbled" ? 0 : (holder.gen ?? 0)) + 1;
+      const json = withGen(JSON.stringify({ k: "gen", at: new Date().toISOString(), unlock: true } satisfies Omit<GenRecord, "g">), fence);
+      // A holder cut off mid-write may have left a line without its newline: start a fresh line.
+      const handle = await open(index.file, "r");
+      let tail: Buffer;
+      let size: number;
+      try {
+        size = (await handle.stat()).size;
+        tail = Buffer.alloc(size > 0 ? 1 : 0);
+        if (size > 0) await handle.read(tail, 0, 1, size - 1);
+      } finally {
+        await handle.close();
+      }
+      const line = (tail.length && tail[0] !== 0x0a ? "\n" : "") + encodeLine(json, size);
+      const h = await open(index.file, "a");
+      try {
+        await h.write(line);
+        await h.datasync();
+      } finally {
+        await h.close();
+      }
+    }
+    await this.moveStaleLock(lock, holder);
+    return holder === "garbled" ? undefined : { pid: holder.pid, host: holder.host, since: holder.since, expires: holder.expires };
   }
 
   private async createThread(thread: string): Promise<void> {
@@ -1109,7 +1270,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     if (dryRun) {
       // Reported as the real compaction would meet it, without taking anything.
       const holder = await readLock(lock);
-      if (typeof holder === "object" && holder.saver !== this.saverId && processState(holder.pid, holder.host) !== "dead") throw lockedBy(thread, lock, holder);
+      if (typeof holder === "object" && holder.saver !== this.saverId && !isStale(holder)) throw lockedBy(thread, lock, holder);
     } else if (!index.locked) {
       await this.acquireLock(index);
       tookLock = true;
@@ -1142,7 +1303,8 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
         id: `${this.saverId}-${(this.tmpCount += 1)}`,
         compacted: { at: now, removed: (header?.compacted?.removed ?? 0) + doomed.size },
       };
-      const records = this.compactedRecords(index, doomed, fresh);
+      // The new journal is this holder's generation throughout (its header sets it; its records carry it).
+      const records = withGenerations(this.compactedRecords(index, doomed, fresh), index.myGen ?? index.gen);
       if (dryRun) {
         let size = 0;
         for await (const json of records) size += Buffer.byteLength(encodeLine(json, size));
@@ -1257,7 +1419,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     } satisfies Partial<ThreadIndex>);
     await this.refresh(index);
     // On failure the next write opens the writer again (the lock is still this saver's).
-    if (wasWriter) index.writer = await JournalWriter.open(index.file, index.validEnd, () => this.checkStillWriter(index));
+    if (wasWriter) index.writer = await this.openWriter(index, index.myGen ?? index.gen);
   }
 
   /** The readable step files of these checkpoints (named by their order; each names its checkpoint). */
@@ -1367,6 +1529,9 @@ function emptyIndexState() {
     writeCacheBytes: 0,
     damage: new Map(),
     aside: new Set(),
+    gen: 0,
+    maxGen: 0,
+    fenced: 0,
   } satisfies Partial<ThreadIndex>;
 }
 
@@ -1438,9 +1603,9 @@ function lockedBy(thread: string, lock: string, holder: LockHolder): CairnError 
   const who = holder.pid === process.pid && holder.host === hostname() ? "another store object in this process" : `pid ${holder.pid} on ${holder.host}`;
   return new CairnError(
     "THREAD_LOCKED",
-    `Thread "${thread}" is being written by ${who} since ${holder.since}; a thread has one writer at a time. ` +
-      `Wait for that run to finish or stop it. If no such process is running, delete ${lock}.`,
-    { thread, file: lock, holder },
+    `Thread "${thread}" is being written by ${who} since ${holder.since}${holder.expires ? ` (lease until ${holder.expires})` : ""}; a thread has one writer at a time. ` +
+      `Wait for that run to finish or stop it. If that process is stuck, \`cairn unlock ${thread} --force\` breaks its lock (${lock}); it then cannot write again.`,
+    { thread, file: lock, holder: { pid: holder.pid, host: holder.host, since: holder.since, expires: holder.expires }, hint: `cairn unlock ${thread} --force` },
   );
 }
 
@@ -1480,6 +1645,10 @@ async function writeJournal(file: string, records: AsyncIterable<string>): Promi
   await handle.close();
 }
 
+async function* withGenerations(records: AsyncIterable<string>, gen: number): AsyncGenerator<string> {
+  for await (const json of records) yield withGen(json, gen);
+}
+
 /** Remove what a compaction cut short by a crash left: a journal never renamed into place. */
 async function removeUnfinishedCompactions(dir: string): Promise<void> {
   const names = await readdir(dir).catch(() => [] as string[]);
@@ -1506,15 +1675,24 @@ async function folderBytes(dir: string): Promise<number> {
 /** The lock's holder; "garbled" for a lock file that is not one cairn wrote whole (taken over as stale). */
 async function readLock(file: string): Promise<LockHolder | "missing" | "garbled"> {
   let text: string;
+  let mtime: number;
   try {
-    text = await readFile(file, "utf8");
+    const handle = await open(file, "r");
+    try {
+      text = await handle.readFile("utf8");
+      mtime = (await handle.stat()).mtimeMs;
+    } finally {
+      await handle.close();
+    }
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code === "ENOENT") return "missing";
     throw error;
   }
   try {
     const holder = JSON.parse(text) as Partial<LockHolder>;
-    return typeof holder.pid === "number" && typeof holder.saver === "string" ? (holder as LockHolder) : "garbled";
+    if (typeof holder.pid !== "number" || typeof holder.saver !== "string") return "garbled";
+    if (typeof holder.lease === "number") holder.expires = new Date(mtime + holder.lease).toISOString();
+    return holder as LockHolder;
   } catch {
     return "garbled";
   }
@@ -1570,6 +1748,8 @@ function structureProblem(record: unknown): string | undefined {
     }
     case "end":
       return undefined;
+    case "gen":
+      return typeof record.g === "number" && record.g > 0 ? undefined : "the generation record lacks its generation";
     case "aside":
       return Array.isArray(record.ranges) && Array.isArray(record.checkpoints) ? undefined : "the set-aside record lacks its ranges or checkpoints";
     default:

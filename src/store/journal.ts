@@ -1,3 +1,4 @@
+import { constants } from "node:fs";
 import { open, writeFile, type FileHandle } from "node:fs/promises";
 import { crc32 } from "node:zlib";
 import { CairnError } from "../errors.ts";
@@ -65,7 +66,15 @@ export interface DamagedLine extends RecordLocation {
  * with no later batch after them are the tail a crash tore, left out. A line whose checksum holds but
  * whose JSON does not parse was written that way, never torn: it is damage wherever it is.
  */
-export function scanLines<T>(bytes: Buffer, base: number): { records: ScannedRecord<T>[]; validEnd: number; torn: boolean; damage: DamagedLine[] } {
+export function scanLines<T>(
+  bytes: Buffer,
+  base: number,
+  /**
+   * Records that end a torn tail: bad lines right before one of them are the unfinished write of a
+   * writer that stopped (a lock taken over, or broken), not damage.
+   */
+  endsTornTail?: (record: T) => boolean,
+): { records: ScannedRecord<T>[]; validEnd: number; torn: boolean; damage: DamagedLine[] } {
   const records: ScannedRecord<T>[] = [];
   const damage: DamagedLine[] = [];
   let pos = 0;
@@ -95,8 +104,10 @@ export function scanLines<T>(bytes: Buffer, base: number): { records: ScannedRec
         held.push(scanned); // the bad line's own batch: committed only if a later batch follows
       } else {
         if (bad.length > 0) {
-          damage.push(...bad);
-          records.push(...held);
+          if (!endsTornTail?.(record)) {
+            damage.push(...bad);
+            records.push(...held);
+          }
           bad = [];
           held = [];
         }
@@ -125,6 +136,9 @@ export class JournalWriter {
     private readonly handle: FileHandle,
     private end: number,
     private readonly guard: () => Promise<void>,
+    /** This writer's generation, carried by every record it appends (see file.ts, "generations"). */
+    readonly gen: number,
+    private readonly superseded: (gen: number) => unknown,
   ) {}
 
   /**
@@ -132,9 +146,20 @@ export class JournalWriter {
    * record the caller scanned, under the writer lock) is cut off first and that cut made durable; the cut
    * bytes are kept beside the journal as `journal.log.cut-<offset>` for inspection. `guard` runs before
    * every batch and throws if this writer may no longer write (it lost its lock).
+   *
+   * Appends use O_APPEND, never a position: a writer that lost its lock while paused can only add bytes
+   * after the new holder's, never overwrite them, and those bytes carry its older generation, which
+   * readers ignore. After each batch the writer looks at any bytes another process appended around it;
+   * a generation newer than its own among them means it lost the thread: `superseded` gives the error.
    */
-  static async open(file: string, validEnd: number, guard: () => Promise<void> = async () => {}): Promise<JournalWriter> {
-    const handle = await open(file, "r+");
+  static async open(
+    file: string,
+    validEnd: number,
+    guard: () => Promise<void> = async () => {},
+    gen = 0,
+    superseded: (gen: number) => unknown = (g) => new Error(`superseded by generation ${g}`),
+  ): Promise<JournalWriter> {
+    const handle = await open(file, constants.O_RDWR | constants.O_APPEND);
     try {
       const { size } = await handle.stat();
       if (size > validEnd) {
@@ -148,7 +173,7 @@ export class JournalWriter {
       await handle.close();
       throw error;
     }
-    return new JournalWriter(file, handle, validEnd, guard);
+    return new JournalWriter(file, handle, validEnd, guard, gen, superseded);
   }
 
   get size(): number {
@@ -163,7 +188,7 @@ export class JournalWriter {
   append(json: string): Promise<RecordLocation> {
     if (this.failed !== undefined) return Promise.reject(this.failedError());
     return new Promise((resolve, reject) => {
-      this.queue.push({ json, resolve, reject });
+      this.queue.push({ json: withGen(json, this.gen), resolve, reject });
       if (!this.flushing) void this.flush();
     });
   }
@@ -186,38 +211,56 @@ export class JournalWriter {
       const start = this.end;
       const buffers = batch.map((b) => Buffer.from(encodeLine(b.json, start), "utf8"));
       const all = Buffer.concat(buffers);
+      let at = start;
+      let lostAfter: unknown;
       try {
         await this.guard();
-        // Another process appending to this thread would make our offsets wrong: refuse rather than guess.
-        const { size } = await this.handle.stat();
-        if (size !== start) {
-          throw new CairnError(
-            "STORE_UNAVAILABLE",
-            `Another process wrote to ${this.file} while this one was writing it (its size is ${size}, expected ${start}). ` +
-              `A thread must have one writer at a time: stop the other run, then resume the thread.`,
-            { file: this.file },
-          );
-        }
         let written = 0;
         while (written < all.length) {
-          const { bytesWritten } = await this.handle.write(all, written, all.length - written, start + written);
+          const { bytesWritten } = await this.handle.write(all, written, all.length - written, null);
           written += bytesWritten;
         }
         // The commit point: until fdatasync returns, none of these records may be reported as saved.
         await this.handle.datasync();
+        const { size } = await this.handle.stat();
+        if (size !== start + all.length) {
+          // Another process appended too: only one that lost the lock (or `cairn unlock`) can. Where did
+          // this batch land, and did a newer generation take the thread before it?
+          const seen = Buffer.alloc(size - start);
+          await this.handle.read(seen, 0, seen.length, start);
+          const i = seen.indexOf(all);
+          if (i < 0 || (i > 0 && seen[i - 1] !== NEWLINE)) {
+            throw new CairnError(
+              "STORE_UNAVAILABLE",
+              `Another process wrote to ${this.file} while this one was writing it, and this write did not land whole. A thread must have one writer at a time: stop the other run, then resume the thread.`,
+              { file: this.file },
+            );
+          }
+          const before = newestGen(seen.subarray(0, i));
+          if (before > this.gen) throw this.superseded(before);
+          const after = newestGen(seen.subarray(i + all.length));
+          if (after > this.gen) lostAfter = this.superseded(after);
+          at = start + i;
+        }
+        this.end = size;
       } catch (error) {
         this.failed = error;
         for (const b of batch) b.reject(this.failedError());
         for (const b of this.queue.splice(0)) b.reject(this.failedError());
         break;
       }
-      let offset = start;
+      let offset = at;
       for (let i = 0; i < batch.length; i += 1) {
         const length = buffers[i]!.length;
         batch[i]!.resolve({ offset, length });
         offset += length;
       }
-      this.end = offset;
+      if (lostAfter !== undefined) {
+        // This batch is recorded; nothing after it would be.
+        this.failed = lostAfter;
+        for (const b of this.queue.splice(0)) b.reject(this.failedError());
+        break;
+      }
     }
     this.flushing = false;
   }
@@ -225,6 +268,29 @@ export class JournalWriter {
   async close(): Promise<void> {
     await this.handle.close();
   }
+}
+
+/** The newest generation named by a `gen` record among these journal bytes (0 if none). */
+function newestGen(bytes: Buffer): number {
+  let newest = 0;
+  for (const text of bytes.toString("utf8").split("\n")) {
+    const line = decodeLine(text);
+    if (!line) continue;
+    try {
+      const record = JSON.parse(line.json) as { k?: unknown; g?: unknown };
+      if (record.k === "gen" && typeof record.g === "number") newest = Math.max(newest, record.g);
+    } catch {
+      // not a record: nothing to learn from it
+    }
+  }
+  return newest;
+}
+
+/** A record's JSON with `"g":<gen>` as its first field (replacing one it had); generation 0 is left out. */
+export function withGen(json: string, gen: number): string {
+  const bare = json.replace(/^\{"g":\d+,/, "{");
+  if (gen === 0) return bare;
+  return bare === "{}" ? `{"g":${gen}}` : `{"g":${gen},${bare.slice(1)}`;
 }
 
 /** Create a new journal holding one first record; fails with EEXIST if the file is already there. */

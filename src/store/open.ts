@@ -1,11 +1,14 @@
 import { mkdir } from "node:fs/promises";
 import { uniqueVersion } from "./versions.ts";
 import { dirname, resolve } from "node:path";
-import type { BaseCheckpointSaver, ChannelVersions } from "@langchain/langgraph-checkpoint";
+import type { BaseCheckpointSaver, ChannelVersions, PendingWrite } from "@langchain/langgraph-checkpoint";
+import type { RunnableConfig } from "@langchain/core/runnables";
 import { CairnError } from "../errors.ts";
 import { FileArtifactStore, PostgresArtifactStore, SqliteArtifactStore, type ArtifactStore } from "./artifacts.ts";
 import { FileCheckpointSaver, type DeletedCheckpoints } from "./file.ts";
 import { postgresMaintenance, sqliteMaintenance } from "./maintenance.ts";
+import { AsyncLocalStorage } from "node:async_hooks";
+import { fenceVerdict, leaseMs, leaseTable, lostLock, type LeaseRow, type LeaseTable, type LockHolder } from "./lease.ts";
 
 /** The backends a store URI can name. */
 export type StoreKind = "file" | "sqlite" | "postgres";
@@ -40,7 +43,22 @@ export interface OpenedStore {
    * bytes of its rows (approximate: no indexes, page or row overhead).
    */
   threadBytes(thread: string): Promise<number>;
-  /** Release the files, database handle or connection pool. Safe to call more than once. */
+  /**
+   * Take the thread's writer lock for this process, or fail fast with `THREAD_LOCKED` naming the live
+   * holder (pid, host, since). A lock whose holder died on this host, or whose lease ran out, is taken
+   * over. The lock is renewed in the background and held until {@link close}; every checkpoint write is
+   * fenced by it (a holder that lost it has its writes refused or ignored, never recorded). On the file
+   * store a thread that does not exist yet is locked by its first write.
+   */
+  lockThread(thread: string): Promise<void>;
+  /** Who holds the thread's lock, if anyone; `stale` when it may be taken over, `mine` for this store object. */
+  lockHolder(thread: string): Promise<(LockHolder & { stale: boolean; mine: boolean }) | undefined>;
+  /**
+   * Break the thread's lock: a stale one always, a live one only with `force` (its holder then cannot
+   * write again and stops with `THREAD_LOCKED` at its next write). Returns the holder broken, if any.
+   */
+  unlockThread(thread: string, options?: { force?: boolean }): Promise<LockHolder | undefined>;
+  /** Release the files, database handle or connection pool, and the threads' locks. Safe to call more than once. */
   close(): Promise<void>;
 }
 
@@ -188,6 +206,9 @@ function openFile(dir: string): OpenedStore {
     listThreadIds: () => saver.listThreadIds(),
     deleteCheckpoints: (thread, ids, options) => saver.deleteCheckpoints(thread, ids, options),
     threadBytes: (thread) => saver.threadBytes(thread),
+    lockThread: (thread) => saver.lockThread(thread),
+    lockHolder: (thread) => saver.lockHolder(thread),
+    unlockThread: (thread, options) => saver.unlockThread(thread, options?.force ?? false),
     close: () => saver.close(),
   };
 }
@@ -202,8 +223,10 @@ async function openSqlite(path: string): Promise<OpenedStore> {
     import("@langchain/langgraph-checkpoint-sqlite"),
     import("better-sqlite3"),
   ]);
+  type Db = InstanceType<typeof Database>;
 
   class DurableSqliteSaver extends SqliteSaver {
+    leases?: LeaseTable;
     /**
      * Create the tables and make every commit durable. SqliteSaver switches the file to WAL; in WAL mode
      * better-sqlite3 starts each later connection at synchronous=NORMAL (only the connection that created
@@ -213,33 +236,129 @@ async function openSqlite(path: string): Promise<OpenedStore> {
       this.setup();
       this.db.pragma("synchronous = FULL");
     }
+
+    override async deleteThread(threadId: string): Promise<void> {
+      await this.leases?.refuseIfHeld(threadId);
+      return super.deleteThread(threadId);
+    }
   }
 
-  let db: InstanceType<typeof Database> | undefined;
+  let db: Db | undefined;
   try {
     await mkdir(dirname(path), { recursive: true });
     db = new Database(path);
-    const saver = new DurableSqliteSaver(db);
+    const opened = db;
+    opened.exec(SQLITE_LEASES);
+    const leases = sqliteLeases(opened, display);
+    const saver = new DurableSqliteSaver(fencedSqlite(opened, display, leases));
+    saver.leases = leases;
     saver.prepare();
     const threads = db.prepare("SELECT DISTINCT thread_id FROM checkpoints").pluck();
     const maintenance = sqliteMaintenance(db);
-    const opened = db;
     return {
       kind: "sqlite",
       uri: display,
       saver,
       artifacts: new SqliteArtifactStore(db, display),
       listThreadIds: async () => sortIds(threads.all() as string[]),
-      deleteCheckpoints: (thread, ids, options) => maintenance.deleteCheckpoints(thread, ids, options),
+      deleteCheckpoints: async (thread, ids, options) => {
+        await leases.refuseIfHeld(thread);
+        return maintenance.deleteCheckpoints(thread, ids, options);
+      },
       threadBytes: (thread) => maintenance.threadBytes(thread),
+      lockThread: (thread) => leases.acquire(thread),
+      lockHolder: (thread) => leases.holder(thread),
+      unlockThread: (thread, options) => leases.breakLock(thread, options?.force ?? false),
       close: async () => {
-        if (opened.open) opened.close();
+        if (!opened.open) return;
+        await leases.releaseAll();
+        opened.close();
       },
     };
   } catch (error) {
     if (db?.open) db.close();
     throw unavailable(display, error, advice);
   }
+}
+
+const SQLITE_LEASES = `CREATE TABLE IF NOT EXISTS cairn_leases (
+  thread_id TEXT PRIMARY KEY, token TEXT NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL, since TEXT NOT NULL, expires TEXT NOT NULL
+)`;
+
+/** The subset of better-sqlite3 the lease code uses. */
+interface SqliteHandle {
+  prepare(sql: string): { run(...args: unknown[]): { changes: number | bigint }; get(...args: unknown[]): unknown };
+  transaction<A extends unknown[], R>(fn: (...args: A) => R): ((...args: A) => R) & { immediate(...args: A): R };
+  readonly inTransaction: boolean;
+}
+
+function sqliteLeases(db: SqliteHandle, where: string): LeaseTable {
+  const read = db.prepare("SELECT token, pid, host, since, expires FROM cairn_leases WHERE thread_id = ?");
+  const write = db.prepare("INSERT OR REPLACE INTO cairn_leases (thread_id, token, pid, host, since, expires) VALUES (?, ?, ?, ?, ?, ?)");
+  const renew = db.prepare("UPDATE cairn_leases SET expires = ? WHERE thread_id = ? AND token = ?");
+  const remove = db.prepare("DELETE FROM cairn_leases WHERE thread_id = ? AND token = ?");
+  return leaseTable({
+    where,
+    async swap(thread, decide) {
+      // IMMEDIATE: the write lock is taken before the read, so no other process changes the row between.
+      db.transaction(() => {
+        const next = decide(read.get(thread) as LeaseRow | undefined);
+        if (next !== "keep") write.run(thread, next.token, next.pid, next.host, next.since, next.expires);
+      }).immediate();
+    },
+    read: async (thread) => read.get(thread) as LeaseRow | undefined,
+    renew: async (thread, token, expires) => Number(renew.run(expires, thread, token).changes) > 0,
+    async remove(thread, token) {
+      remove.run(thread, token);
+    },
+  });
+}
+
+/**
+ * The database SqliteSaver is given: the same connection, except that its checkpoint and task-write
+ * inserts run in one transaction with the lease's fence. The holder's write touches its lease row
+ * (`UPDATE … WHERE token = mine`) and is rolled back when the row carries another token; a write by
+ * a process holding no lock goes through unless another process holds a live one.
+ */
+function fencedSqlite<T extends object>(db: T & SqliteHandle, where: string, leases: LeaseTable): T {
+  const read = db.prepare("SELECT token, pid, host, since, expires FROM cairn_leases WHERE thread_id = ?");
+  const touch = db.prepare("UPDATE cairn_leases SET expires = ? WHERE thread_id = ? AND token = ?");
+  const fence = (thread: string) => {
+    const token = leases.tokenOf(thread);
+    if (token !== undefined) {
+      if (Number(touch.run(new Date(Date.now() + leaseMs()).toISOString(), thread, token).changes) === 0) throw lostLock(thread, where);
+      return;
+    }
+    const refused = fenceVerdict(thread, where, undefined, read.get(thread) as LeaseRow | undefined);
+    if (refused) throw refused;
+  };
+  const fencedStatement = (stmt: { run(...args: unknown[]): unknown }) =>
+    new Proxy(stmt, {
+      get(target, prop) {
+        const value = Reflect.get(target, prop, target) as unknown;
+        if (prop !== "run") return typeof value === "function" ? value.bind(target) : value;
+        return (...args: unknown[]) => {
+          const tx = db.transaction(() => {
+            fence(String(args[0]));
+            return target.run(...args);
+          });
+          return db.inTransaction ? tx() : tx.immediate();
+        };
+      },
+    });
+  return new Proxy(db, {
+    get(target, prop) {
+      const value = Reflect.get(target, prop, target) as unknown;
+      if (prop === "prepare") {
+        return (sql: string) => {
+          const stmt = target.prepare(sql);
+          // SqliteSaver's two writes: a checkpoint row, and a task's write rows (thread id first in both).
+          return /^\s*INSERT\b[^(]*\bINTO\s+(checkpoints|writes)\b/i.test(sql) ? fencedStatement(stmt) : stmt;
+        };
+      }
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -264,11 +383,28 @@ async function openPostgres(target: Extract<StoreTarget, { kind: "postgres" }>):
   const advice = "Check that the Postgres server is running and reachable, and that the URI's user, password, host, port and database are right.";
   const [{ PostgresSaver }, { default: pg }] = await Promise.all([import("@langchain/langgraph-checkpoint-postgres"), import("pg")]);
 
+  // The thread a checkpoint write is for, while PostgresSaver runs its transaction (see fencedPool).
+  const writing = new AsyncLocalStorage<{ thread: string }>();
+  let leases: LeaseTable | undefined;
+
   class ForkSafePostgresSaver extends PostgresSaver {
     // LangGraph types versions as numbers here, yet accepts strings at run time (its base class documents
     // string versions); the cast is only for the compiler.
     override getNextVersion(current: number | undefined): number {
       return nextChannelVersion(current) as unknown as number;
+    }
+
+    override put(...args: Parameters<BaseCheckpointSaver["put"]>): ReturnType<BaseCheckpointSaver["put"]> {
+      return writing.run({ thread: String(args[0].configurable?.thread_id) }, () => super.put(...args));
+    }
+
+    override putWrites(config: RunnableConfig, writes: PendingWrite[], taskId: string): Promise<void> {
+      return writing.run({ thread: String(config.configurable?.thread_id) }, () => super.putWrites(config, writes, taskId));
+    }
+
+    override async deleteThread(threadId: string): Promise<void> {
+      await leases?.refuseIfHeld(threadId);
+      return super.deleteThread(threadId);
     }
   }
 
@@ -276,9 +412,13 @@ async function openPostgres(target: Extract<StoreTarget, { kind: "postgres" }>):
   // An idle client that loses its server emits on the pool; unhandled, that would end the process. The
   // next query reports the failure instead.
   pool.on("error", () => {});
-  const saver = new ForkSafePostgresSaver(pool, undefined, { schema });
+  const table = `"${schema}".cairn_leases`;
+  leases = postgresLeases(pool, table, display);
+  const held = leases;
+  const saver = new ForkSafePostgresSaver(fencedPool(pool, table, display, held, writing) as unknown as typeof pool, undefined, { schema });
   try {
     await saver.setup();
+    await createPostgresLeases(pool, table);
   } catch (error) {
     await pool.end().catch(() => {});
     throw unavailable(display, error, advice);
@@ -295,14 +435,137 @@ async function openPostgres(target: Extract<StoreTarget, { kind: "postgres" }>):
       const { rows } = await pool.query<{ thread_id: string }>(`SELECT DISTINCT thread_id FROM "${schema}".checkpoints`);
       return sortIds(rows.map((r) => r.thread_id));
     },
-    deleteCheckpoints: (thread, ids, options) => maintenance.deleteCheckpoints(thread, ids, options),
+    deleteCheckpoints: async (thread, ids, options) => {
+      await held.refuseIfHeld(thread);
+      return maintenance.deleteCheckpoints(thread, ids, options);
+    },
     threadBytes: (thread) => maintenance.threadBytes(thread),
+    lockThread: (thread) => held.acquire(thread),
+    lockHolder: (thread) => held.holder(thread),
+    unlockThread: (thread, options) => held.breakLock(thread, options?.force ?? false),
     close: async () => {
       if (closed) return;
       closed = true;
+      await held.releaseAll();
       await pool.end();
     },
   };
+}
+
+/** The subset of pg used by the lease code. */
+interface PgClient {
+  query(text: string, values?: unknown[]): Promise<{ rows: any[]; rowCount: number | null }>;
+  release(err?: unknown): void;
+}
+interface PgPool {
+  query(text: string, values?: unknown[]): Promise<{ rows: any[]; rowCount: number | null }>;
+  connect(): Promise<PgClient>;
+  end(): Promise<void>;
+}
+
+async function createPostgresLeases(pool: PgPool, table: string): Promise<void> {
+  try {
+    await pool.query(
+      `CREATE TABLE IF NOT EXISTS ${table} (thread_id TEXT PRIMARY KEY, token TEXT NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL, since TEXT NOT NULL, expires TEXT NOT NULL)`,
+    );
+  } catch (error) {
+    // Two processes creating the table at once: one wins, the other's "already exists" is no failure.
+    const code = (error as { code?: string }).code;
+    if (code !== "23505" && code !== "42P07") throw error;
+  }
+}
+
+function postgresLeases(pool: PgPool, table: string, where: string): LeaseTable {
+  const columns = "token, pid, host, since, expires";
+  return leaseTable({
+    where,
+    async swap(thread, decide) {
+      for (let attempt = 0; ; attempt += 1) {
+        const client = await pool.connect();
+        try {
+          await client.query("BEGIN");
+          const { rows } = await client.query(`SELECT ${columns} FROM ${table} WHERE thread_id = $1 FOR UPDATE`, [thread]);
+          const row = rows[0] as LeaseRow | undefined;
+          const next = decide(row);
+          let raced = false;
+          if (next !== "keep") {
+            const values = [thread, next.token, next.pid, next.host, next.since, next.expires];
+            if (row) {
+              await client.query(`UPDATE ${table} SET token = $2, pid = $3, host = $4, since = $5, expires = $6 WHERE thread_id = $1`, values);
+            } else {
+              // No row to lock yet: two processes may insert at once; the loser reads the winner's row.
+              const inserted = await client.query(`INSERT INTO ${table} (thread_id, ${columns}) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (thread_id) DO NOTHING`, values);
+              raced = inserted.rowCount === 0;
+            }
+          }
+          await client.query(raced ? "ROLLBACK" : "COMMIT");
+          if (!raced || attempt >= 5) return;
+        } catch (error) {
+          await client.query("ROLLBACK").catch(() => {});
+          throw error;
+        } finally {
+          client.release();
+        }
+      }
+    },
+    async read(thread) {
+      const { rows } = await pool.query(`SELECT ${columns} FROM ${table} WHERE thread_id = $1`, [thread]);
+      return rows[0] as LeaseRow | undefined;
+    },
+    async renew(thread, token, expires) {
+      const { rowCount } = await pool.query(`UPDATE ${table} SET expires = $3 WHERE thread_id = $1 AND token = $2`, [thread, token, expires]);
+      return (rowCount ?? 0) > 0;
+    },
+    async remove(thread, token) {
+      await pool.query(`DELETE FROM ${table} WHERE thread_id = $1 AND token = $2`, [thread, token]);
+    },
+  });
+}
+
+/**
+ * The pool PostgresSaver is given: the same pool, except that a checkpoint or task-write transaction
+ * checks the lease just before its COMMIT, in the same transaction. The holder touches its lease row
+ * (`UPDATE … WHERE token = mine`, which also waits for a takeover committing at the same moment); when
+ * no row carries its token any more the COMMIT is not sent, PostgresSaver rolls back, and the write fails
+ * with THREAD_LOCKED. A process holding no lock may write unless another process holds a live one.
+ */
+function fencedPool(pool: PgPool, table: string, where: string, leases: LeaseTable, writing: AsyncLocalStorage<{ thread: string }>): PgPool {
+  const fence = async (client: PgClient, thread: string) => {
+    const token = leases.tokenOf(thread);
+    if (token !== undefined) {
+      const expires = new Date(Date.now() + leaseMs()).toISOString();
+      const { rowCount } = await client.query(`UPDATE ${table} SET expires = $3 WHERE thread_id = $1 AND token = $2`, [thread, token, expires]);
+      if ((rowCount ?? 0) === 0) throw lostLock(thread, where);
+      return;
+    }
+    const { rows } = await client.query(`SELECT token, pid, host, since, expires FROM ${table} WHERE thread_id = $1 FOR SHARE`, [thread]);
+    const refused = fenceVerdict(thread, where, undefined, rows[0] as LeaseRow | undefined);
+    if (refused) throw refused;
+  };
+  return new Proxy(pool, {
+    get(target, prop) {
+      if (prop === "connect") {
+        return async () => {
+          const client = await target.connect();
+          return new Proxy(client, {
+            get(c, p) {
+              if (p === "query") {
+                return async (text: string, values?: unknown[]) => {
+                  const context = writing.getStore();
+                  if (text === "COMMIT" && context) await fence(c, context.thread);
+                  return c.query(text, values);
+                };
+              }
+              const value = Reflect.get(c, p, c) as unknown;
+              return typeof value === "function" ? value.bind(c) : value;
+            },
+          });
+        };
+      }
+      const value = Reflect.get(target, prop, target) as unknown;
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
 }
 
 /** Sorted in JavaScript rather than by the database, whose collation may ignore case or punctuation. */

@@ -153,11 +153,12 @@ export async function run<T extends RunTarget>(target: T, options: StartOptions 
     }
     // One writer per thread: fail fast if another process holds it (on the file store a new thread is
     // locked by its first write).
-    await store.lockThread(thread);
-    const prepared = prepare(target, store, thread, options);
-    prepared.saver.fingerprint = fingerprint.record;
-    options.onStart?.({ thread, store: store.uri, skipped: [], notices: [] });
-    return execute(prepared, store, thread, input, [], options);
+    return asWriter(store, thread, () => {
+      const prepared = prepare(target, store, thread, options);
+      prepared.saver.fingerprint = fingerprint.record;
+      options.onStart?.({ thread, store: store.uri, skipped: [], notices: [] });
+      return execute(prepared, store, thread, input, [], options);
+    });
   });
 }
 
@@ -187,82 +188,97 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
     const fallbackNotices: string[] = [];
     const latest = await latestOrFallback(store, thread, options.fallback === true, fallbackNotices);
     // One writer per thread: taken once the thread is known to exist and be readable, before anything is
-    // decided from it. Fails fast with THREAD_LOCKED naming the holder; held until the store is closed.
-    await store.lockThread(thread);
-    const at = checkpoint === undefined ? latest : await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: checkpoint } });
-    if (!at) throw checkpointNotFound(thread, checkpoint!, store.uri);
-    // Every check before anything is written: a refused resume leaves the thread as it was.
-    const check = await checkFingerprint(target, store, thread, at, options);
-    if (check.refusal) throw check.refusal;
-    const wf = isWorkflow(target) ? target : undefined;
-    // The state the run will start from must parse with the current schema (or migrate): checked before
-    // any write where that state is known up front (a restart without history rebuilds it first).
-    const startsAt = fromStep !== undefined ? (await checkpointBefore(store.saver, thread, fromStep)).tuple : at;
-    const migrationAt = wf && startsAt ? migrationFor(wf, startsAt, check.recorded) : undefined;
-    const notices = [...fallbackNotices, ...check.notices];
-    const prepared = prepare(target, store, thread, options);
-    prepared.saver.fingerprint = check.current.record;
-    const config = { configurable: { thread_id: thread } };
-    let moved = true;
-    try {
-      if (checkpoint !== undefined) {
-        prepared.saver.nextLabel = "fork";
-        await prepared.graph.updateState(at.config, undefined, "__copy__");
-      } else if (fromStep !== undefined) {
-        await rewindTo(prepared, store, thread, fromStep);
-      } else if (brokenRouting(latest)) {
-        prepared.saver.nextLabel = "retry-routing";
-        await prepared.graph.updateState(latest.config, undefined, "__copy__");
-      } else moved = false;
-      if (wf) {
-        const head = moved ? await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } }) : at;
-        const migration = moved && head ? migrationFor(wf, head, check.recorded) : migrationAt;
-        // A fork (a copy) records no step: route as the step that produced the checkpoint it copies.
-        if (migration && head) notices.push(await applyMigration(prepared, head, migration, checkpoint !== undefined ? producerOf(wf, at) : undefined));
+    // decided from it. Fails fast with THREAD_LOCKED naming the holder; released when the resume ends.
+    return asWriter(store, thread, async () => {
+      const at = checkpoint === undefined ? latest : await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "", checkpoint_id: checkpoint } });
+      if (!at) throw checkpointNotFound(thread, checkpoint!, store.uri);
+      // Every check before anything is written: a refused resume leaves the thread as it was.
+      const check = await checkFingerprint(target, store, thread, at, options);
+      if (check.refusal) throw check.refusal;
+      const wf = isWorkflow(target) ? target : undefined;
+      // The state the run will start from must parse with the current schema (or migrate): checked before
+      // any write where that state is known up front (a restart without history rebuilds it first).
+      const startsAt = fromStep !== undefined ? (await checkpointBefore(store.saver, thread, fromStep)).tuple : at;
+      const migrationAt = wf && startsAt ? migrationFor(wf, startsAt, check.recorded) : undefined;
+      const notices = [...fallbackNotices, ...check.notices];
+      const prepared = prepare(target, store, thread, options);
+      prepared.saver.fingerprint = check.current.record;
+      const config = { configurable: { thread_id: thread } };
+      let moved = true;
+      try {
+        if (checkpoint !== undefined) {
+          prepared.saver.nextLabel = "fork";
+          await prepared.graph.updateState(at.config, undefined, "__copy__");
+        } else if (fromStep !== undefined) {
+          await rewindTo(prepared, store, thread, fromStep);
+        } else if (brokenRouting(latest)) {
+          prepared.saver.nextLabel = "retry-routing";
+          await prepared.graph.updateState(latest.config, undefined, "__copy__");
+        } else moved = false;
+        if (wf) {
+          const head = moved ? await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } }) : at;
+          const migration = moved && head ? migrationFor(wf, head, check.recorded) : migrationAt;
+          // A fork (a copy) records no step: route as the step that produced the checkpoint it copies.
+          if (migration && head) notices.push(await applyMigration(prepared, head, migration, checkpoint !== undefined ? producerOf(wf, at) : undefined));
+        }
+      } catch (error) {
+        throw restartRoutingFailed(error, thread, store.uri, finishedOn(at).length);
       }
-    } catch (error) {
-      throw restartRoutingFailed(error, thread, store.uri, finishedOn(at).length);
-    }
-    // One snapshot serves every question below: with thousands of saved fan-out items, each
-    // getState costs as much as preparing the whole superstep.
-    let snapshot = await prepared.graph.getState(config);
-    if (checkpoint === undefined && fromStep === undefined) {
-      // Finished is decided by the graph (what its edges say is due), not by the checkpoint alone; and
-      // saved task output not yet folded into a checkpoint (a crash right after a step) is unfinished work.
-      const finished = () => snapshot.next.length === 0 && (latest.pendingWrites ?? []).length === 0 && latest.metadata?.source !== "input";
-      if (finished() && wf && (check.report?.structure.length ?? 0) > 0) {
-        // The workflow changed since the thread completed (a step appended, a route changed): ask its
-        // routing again, as the last step, whether anything is due now.
-        const producer = producerOf(wf, latest);
-        if (producer !== undefined) {
-          prepared.saver.nextLabel = "reroute";
-          try {
-            await prepared.graph.updateState(latest.config, {}, wf.lastNodeOf(producer));
-          } catch (error) {
-            throw restartRoutingFailed(error, thread, store.uri, finishedOn(latest).length);
+      // One snapshot serves every question below: with thousands of saved fan-out items, each
+      // getState costs as much as preparing the whole superstep.
+      let snapshot = await prepared.graph.getState(config);
+      if (checkpoint === undefined && fromStep === undefined) {
+        // Finished is decided by the graph (what its edges say is due), not by the checkpoint alone; and
+        // saved task output not yet folded into a checkpoint (a crash right after a step) is unfinished work.
+        const finished = () => snapshot.next.length === 0 && (latest.pendingWrites ?? []).length === 0 && latest.metadata?.source !== "input";
+        if (finished() && wf && (check.report?.structure.length ?? 0) > 0) {
+          // The workflow changed since the thread completed (a step appended, a route changed): ask its
+          // routing again, as the last step, whether anything is due now.
+          const producer = producerOf(wf, latest);
+          if (producer !== undefined) {
+            prepared.saver.nextLabel = "reroute";
+            try {
+              await prepared.graph.updateState(latest.config, {}, wf.lastNodeOf(producer));
+            } catch (error) {
+              throw restartRoutingFailed(error, thread, store.uri, finishedOn(latest).length);
+            }
+            snapshot = await prepared.graph.getState(config);
+            if (snapshot.next.length > 0) notices.push(`the workflow now goes on after "${producer}": ${[...new Set(snapshot.next.map((n) => wf.stepOfNode(n)))].join(", ")} will run`);
           }
-          snapshot = await prepared.graph.getState(config);
-          if (snapshot.next.length > 0) notices.push(`the workflow now goes on after "${producer}": ${[...new Set(snapshot.next.map((n) => wf.stepOfNode(n)))].join(", ")} will run`);
+        }
+        if (snapshot.next.length === 0 && (finished() || snapshot.metadata?.source === "update")) {
+          const total = spentAt(latest);
+          const spent = await spentInAll(store.saver, thread);
+          options.onStart?.({ thread, store: store.uri, skipped: await finishedSteps(prepared, store, thread, snapshot), notices });
+          return {
+            thread,
+            status: "already-completed",
+            state: visibleState(snapshot.values) as StateOf<T>,
+            tasksRun: 0,
+            store: store.uri,
+            usage: { run: NO_USAGE, thread: spent, reused: total, failed: NO_USAGE },
+          };
         }
       }
-      if (snapshot.next.length === 0 && (finished() || snapshot.metadata?.source === "update")) {
-        const total = spentAt(latest);
-        const spent = await spentInAll(store.saver, thread);
-        options.onStart?.({ thread, store: store.uri, skipped: await finishedSteps(prepared, store, thread, snapshot), notices });
-        return {
-          thread,
-          status: "already-completed",
-          state: visibleState(snapshot.values) as StateOf<T>,
-          tasksRun: 0,
-          store: store.uri,
-          usage: { run: NO_USAGE, thread: spent, reused: total, failed: NO_USAGE },
-        };
-      }
-    }
-    const skipped = await finishedSteps(prepared, store, thread, snapshot);
-    options.onStart?.({ thread, store: store.uri, skipped, notices });
-    return execute(prepared, store, thread, null, skipped, options, snapshot);
+      const skipped = await finishedSteps(prepared, store, thread, snapshot);
+      options.onStart?.({ thread, store: store.uri, skipped, notices });
+      return execute(prepared, store, thread, null, skipped, options, snapshot);
+    });
   });
+}
+
+/**
+ * Run `body` as the thread's one writer: its lock taken first (THREAD_LOCKED, naming the holder, when
+ * another live process or store object has it) and given up when the run ends, however it ends, so the
+ * same store object, another one or another process can continue the thread afterwards.
+ */
+async function asWriter<T>(store: OpenedStore, thread: string, body: () => Promise<T>): Promise<T> {
+  await store.lockThread(thread);
+  try {
+    return await body();
+  } finally {
+    await store.releaseThread(thread).catch(() => {});
+  }
 }
 
 /**

@@ -577,27 +577,43 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     await rm(trash, { recursive: true, force: true });
   }
 
+  /**
+   * Give up the thread's writer lock, if this saver holds it, and close its journal (marking the clean
+   * close), as {@link close} does for every thread; the saver stays usable and its next write to the
+   * thread takes the lock again.
+   */
+  async releaseThread(threadId: string): Promise<void> {
+    const pending = this.indexes.get(threadId);
+    if (!pending) return;
+    this.indexes.delete(threadId);
+    const index = await pending.catch(() => undefined);
+    if (index) await this.closeIndex(index);
+  }
+
   /** Close the files this saver holds open. The saver reopens them if used again. */
   async close(): Promise<void> {
     const all = [...this.indexes.values()];
     this.indexes.clear();
     for (const p of all) {
       const index = await p.catch(() => undefined);
-      if (!index) continue;
-      // A compaction under way finishes first (it may be reopening the writer).
-      await this.gate(index.thread).exclusive(async () => {
-        await index.opening?.catch(() => {});
-        if (index.writer) {
-          // Mark the clean close; a failed write here only loses the mark, never a checkpoint.
-          await index.writer.append(JSON.stringify({ k: "end", at: new Date().toISOString() } satisfies EndRecord)).catch(() => {});
-          await index.writer.close();
-          index.writer = undefined;
-        }
-        if (index.locked) await this.releaseLock(index);
-        await index.reader?.close();
-        index.reader = undefined;
-      });
+      if (index) await this.closeIndex(index);
     }
+  }
+
+  private async closeIndex(index: ThreadIndex): Promise<void> {
+    // A compaction under way finishes first (it may be reopening the writer).
+    await this.gate(index.thread).exclusive(async () => {
+      await index.opening?.catch(() => {});
+      if (index.writer) {
+        // Mark the clean close; a failed write here only loses the mark, never a checkpoint.
+        await index.writer.append(JSON.stringify({ k: "end", at: new Date().toISOString() } satisfies EndRecord)).catch(() => {});
+        await index.writer.close();
+        index.writer = undefined;
+      }
+      if (index.locked) await this.releaseLock(index);
+      await index.reader?.close();
+      index.reader = undefined;
+    });
   }
 
   private gate(thread: string): ThreadGate {

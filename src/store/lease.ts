@@ -86,6 +86,8 @@ export interface LeaseTable {
   refuseIfHeld(thread: string): Promise<void>;
   /** The token this process holds for the thread, if any (the fence a write checks). */
   tokenOf(thread: string): string | undefined;
+  /** Release this process's lock of the thread, if it holds it. */
+  release(thread: string): Promise<void>;
   /** Release every lock this process holds. */
   releaseAll(): Promise<void>;
 }
@@ -159,6 +161,13 @@ export function leaseTable(backend: LeaseBackend): LeaseTable {
       if (!isStale(h)) throw threadLocked(thread, h, backend.where);
     },
     tokenOf: (thread) => held.get(thread)?.token,
+    async release(thread) {
+      const lock = held.get(thread);
+      if (!lock) return;
+      held.delete(thread);
+      clearInterval(lock.timer);
+      await backend.remove(lock.thread, lock.token).catch(() => {});
+    },
     async releaseAll() {
       for (const lock of held.values()) {
         clearInterval(lock.timer);

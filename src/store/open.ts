@@ -46,11 +46,16 @@ export interface OpenedStore {
   /**
    * Take the thread's writer lock for this process, or fail fast with `THREAD_LOCKED` naming the live
    * holder (pid, host, since). A lock whose holder died on this host, or whose lease ran out, is taken
-   * over. The lock is renewed in the background and held until {@link close}; every checkpoint write is
+   * over. The lock is renewed in the background and held until {@link releaseThread} or {@link close}; every checkpoint write is
    * fenced by it (a holder that lost it has its writes refused or ignored, never recorded). On the file
    * store a thread that does not exist yet is locked by its first write.
    */
   lockThread(thread: string): Promise<void>;
+  /**
+   * Give up this store object's lock of the thread, if it holds it (`run` and `resume` do when they end).
+   * The store stays open; a later write through it takes the lock again.
+   */
+  releaseThread(thread: string): Promise<void>;
   /** Who holds the thread's lock, if anyone; `stale` when it may be taken over, `mine` for this store object. */
   lockHolder(thread: string): Promise<(LockHolder & { stale: boolean; mine: boolean }) | undefined>;
   /**
@@ -207,6 +212,7 @@ function openFile(dir: string): OpenedStore {
     deleteCheckpoints: (thread, ids, options) => saver.deleteCheckpoints(thread, ids, options),
     threadBytes: (thread) => saver.threadBytes(thread),
     lockThread: (thread) => saver.lockThread(thread),
+    releaseThread: (thread) => saver.releaseThread(thread),
     lockHolder: (thread) => saver.lockHolder(thread),
     unlockThread: (thread, options) => saver.unlockThread(thread, options?.force ?? false),
     close: () => saver.close(),
@@ -267,6 +273,7 @@ async function openSqlite(path: string): Promise<OpenedStore> {
       },
       threadBytes: (thread) => maintenance.threadBytes(thread),
       lockThread: (thread) => leases.acquire(thread),
+      releaseThread: (thread) => leases.release(thread),
       lockHolder: (thread) => leases.holder(thread),
       unlockThread: (thread, options) => leases.breakLock(thread, options?.force ?? false),
       close: async () => {
@@ -441,6 +448,7 @@ async function openPostgres(target: Extract<StoreTarget, { kind: "postgres" }>):
     },
     threadBytes: (thread) => maintenance.threadBytes(thread),
     lockThread: (thread) => held.acquire(thread),
+    releaseThread: (thread) => held.release(thread),
     lockHolder: (thread) => held.holder(thread),
     unlockThread: (thread, options) => held.breakLock(thread, options?.force ?? false),
     close: async () => {

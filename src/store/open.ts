@@ -1,5 +1,6 @@
 import { mkdir } from "node:fs/promises";
 import { uniqueVersion } from "./versions.ts";
+import { CairnSerializer } from "./serde.ts";
 import { dirname, resolve } from "node:path";
 import type { BaseCheckpointSaver, ChannelVersions } from "@langchain/langgraph-checkpoint";
 import { CairnError } from "../errors.ts";
@@ -219,7 +220,7 @@ async function openSqlite(path: string): Promise<OpenedStore> {
   try {
     await mkdir(dirname(path), { recursive: true });
     db = new Database(path);
-    const saver = new DurableSqliteSaver(db);
+    const saver = new DurableSqliteSaver(db, new CairnSerializer());
     saver.prepare();
     const threads = db.prepare("SELECT DISTINCT thread_id FROM checkpoints").pluck();
     const maintenance = sqliteMaintenance(db);
@@ -276,7 +277,7 @@ async function openPostgres(target: Extract<StoreTarget, { kind: "postgres" }>):
   // An idle client that loses its server emits on the pool; unhandled, that would end the process. The
   // next query reports the failure instead.
   pool.on("error", () => {});
-  const saver = new ForkSafePostgresSaver(pool, undefined, { schema });
+  const saver = new ForkSafePostgresSaver(pool, new CairnSerializer(), { schema });
   try {
     await saver.setup();
   } catch (error) {

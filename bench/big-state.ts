@@ -114,8 +114,8 @@ export async function bigStateSection(cases = BIG_STATE_CASES): Promise<string[]
   }
   const lines = ["## Very large states: a big list made by one step, a failure in the next, a resume", ""];
   lines.push(
-    "One process per row; peak RSS is the process's (`maxRSS`), \"before\" is its resident memory with cairn loaded and no state yet. " +
-      "The last column is (peak − before) ÷ the JSON size of the big field.",
+    `Measured ${new Date().toISOString()} (\`BENCH_ONLY=bigstate npm run bench\`). One process per row; peak RSS is the process's ` +
+      '(`maxRSS`), "before" is its resident memory with cairn loaded and no state yet. The last column is (peak − before) ÷ the JSON size of the big field.',
     "",
   );
   lines.push("| state | JSON | store | run to the failure | resume | peak RSS | before | (peak − before) ÷ JSON |", "|---|---|---|---|---|---|---|---|");

@@ -12,6 +12,7 @@ import { Annotation, MemorySaver, Send, START, StateGraph, type BaseCheckpointSa
 import { z } from "zod";
 import { openStore, run, resume, workflow, type OpenedStore } from "../src/index.ts";
 import { accumulate, deepHistory, dropBenchSchemas, linear, saverCases } from "./stores.ts";
+import { bigStateSection } from "./big-state.ts";
 
 const RUNS = Number(process.env.BENCH_RUNS ?? 3);
 const POSTGRES = process.env.CAIRN_TEST_POSTGRES_URI ?? "postgres://postgres@127.0.0.1:5432/test";
@@ -140,6 +141,7 @@ async function main(): Promise<void> {
   lines.push(`Written by \`npm run bench\` on ${new Date().toISOString()} · Node ${process.version} · ${cpus().length} × ${cpus()[0]?.model ?? "cpu"} · medians of ${RUNS} runs.`, "");
   if (only === undefined || only === "stores") lines.push(...(await storesSection(reachable ? POSTGRES : undefined)));
   if (only === undefined || only === "fanout") lines.push(...(await fanoutSection(reachable)));
+  if (only === undefined || only === "bigstate") lines.push(...(await bigStateSection()));
   const out = fileURLToPath(new URL("RESULTS.md", import.meta.url));
   await writeFile(out, `${lines.join("\n")}\n`);
   process.stdout.write(`${lines.join("\n")}\n\nwritten to ${out}\n`);

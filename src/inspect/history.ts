@@ -52,6 +52,17 @@ interface CairnMeta {
   total?: Usage;
 }
 
+/**
+ * A thread's root checkpoints, newest first, for what they recorded (metadata, ids, parents): without
+ * their state where the store can leave it out (the file store's `listMetadata`), so a big state is not
+ * loaded once per checkpoint to sum spend or list history.
+ */
+export function listRecorded(saver: BaseCheckpointSaver, thread: string): AsyncIterable<CheckpointTuple> {
+  const config = { configurable: { thread_id: thread, checkpoint_ns: "" } };
+  const lean = (saver as { listMetadata?: (c: typeof config) => AsyncIterable<CheckpointTuple> }).listMetadata;
+  return typeof lean === "function" ? lean.call(saver, config) : saver.list(config);
+}
+
 const cairnMeta = (tuple: CheckpointTuple): CairnMeta => ((tuple.metadata as { cairn?: CairnMeta } | undefined)?.cairn ?? {});
 
 /**
@@ -60,7 +71,7 @@ const cairnMeta = (tuple: CheckpointTuple): CairnMeta => ((tuple.metadata as { c
  */
 export async function readHistory(saver: BaseCheckpointSaver, thread: string): Promise<HistoryEntry[]> {
   const tuples: CheckpointTuple[] = [];
-  for await (const t of saver.list({ configurable: { thread_id: thread, checkpoint_ns: "" } })) tuples.push(t);
+  for await (const t of listRecorded(saver, thread)) tuples.push(t);
   tuples.reverse();
   const byId = new Map(tuples.map((t) => [t.checkpoint.id, t]));
   return tuples.map((t) => {
@@ -160,7 +171,7 @@ export async function summarizeThread(saver: BaseCheckpointSaver, thread: string
   if (!tuple) return undefined;
   let checkpoints = 0;
   const spending = new Spending();
-  for await (const t of saver.list({ configurable: { thread_id: thread, checkpoint_ns: "" } })) {
+  for await (const t of listRecorded(saver, thread)) {
     checkpoints += 1;
     spending.add(t);
   }
@@ -189,7 +200,7 @@ export async function spentInAll(saver: BaseCheckpointSaver, thread: string): Pr
   const latest = await saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
   if (!latest) return NO_USAGE;
   const spending = new Spending();
-  for await (const t of saver.list({ configurable: { thread_id: thread, checkpoint_ns: "" } })) spending.add(t);
+  for await (const t of listRecorded(saver, thread)) spending.add(t);
   return addUsage(spending.total(), pendingUsage(latest));
 }
 

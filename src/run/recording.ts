@@ -207,8 +207,14 @@ export class RecordingSaver extends BaseCheckpointSaver {
     const parent = config.configurable?.checkpoint_id as string | undefined;
     if (!parent) return NO_USAGE;
     if (this.last?.id === parent) return this.last.total;
-    const tuple = await this.inner.getTuple({ configurable: { thread_id: config.configurable?.thread_id, checkpoint_ns: "", checkpoint_id: parent } });
-    return totalOf(tuple);
+    const at = { configurable: { thread_id: config.configurable?.thread_id, checkpoint_ns: "", checkpoint_id: parent } };
+    // Only the metadata is needed: a store that can read it without the state (the file store) does.
+    const lean = (this.inner as { listMetadata?: (c: RunnableConfig) => AsyncIterable<CheckpointTuple> }).listMetadata;
+    if (typeof lean === "function") {
+      for await (const tuple of lean.call(this.inner, at)) return totalOf(tuple);
+      return totalOf(undefined);
+    }
+    return totalOf(await this.inner.getTuple(at));
   }
 }
 

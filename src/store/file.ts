@@ -27,6 +27,7 @@ import { ThreadGate } from "./gate.ts";
 import { decodeThreadDir, encodeThreadDir, stepFileName } from "./names.ts";
 import { isInternalChannel, nodesThatRan } from "./steps.ts";
 import { uniqueVersion } from "./versions.ts";
+import { CairnSerializer, isDefaultSerializer, needsRevive, plainJsonText } from "./serde.ts";
 import { fsyncDir } from "./fsync.ts";
 
 /** The version of the on-disk format this code writes. Readers refuse newer versions with a clear error. */
@@ -283,9 +284,12 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   private creating = new Map<string, Promise<void>>();
   private readonly saverId = `${process.pid}-${(saverCount += 1)}-${Date.now().toString(36)}`;
   private tmpCount = 0;
+  /** The serializer is LangGraph's JSON one (or cairn's faster equal): plain JSON is written and read directly. */
+  private readonly plainJson: boolean;
 
   constructor(options: FileCheckpointSaverOptions) {
-    super(options.serde);
+    super(options.serde ?? new CairnSerializer());
+    this.plainJson = isDefaultSerializer(this.serde);
     this.dir = options.dir;
     this.threadsDir = join(options.dir, "threads");
     this.stepFiles = options.stepFiles ?? true;
@@ -320,6 +324,20 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   }
 
   async *list(config: RunnableConfig, options: CheckpointListOptions = {}): AsyncGenerator<CheckpointTuple> {
+    yield* this.listTuples(config, options, true);
+  }
+
+  /**
+   * `list` without the state: each tuple has its checkpoint's metadata, ids, versions and parent, but
+   * empty `channel_values` and no pending writes. For reading what checkpoints recorded (their step,
+   * spend, time) without loading a big state once per checkpoint: a record holding a value another
+   * checkpoint also shows is not read again for it.
+   */
+  async *listMetadata(config: RunnableConfig, options: CheckpointListOptions = {}): AsyncGenerator<CheckpointTuple> {
+    yield* this.listTuples(config, options, false);
+  }
+
+  private async *listTuples(config: RunnableConfig, options: CheckpointListOptions, values: boolean): AsyncGenerator<CheckpointTuple> {
     const { before, filter } = options;
     let limit = options.limit;
     const wantThread = config.configurable?.thread_id as string | undefined;
@@ -339,7 +357,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
           // Between two yields the thread may have been compacted: a checkpoint removed meanwhile is skipped.
           const tuple = await gate.shared(async () => {
             const entry = index.checkpoints.get(ns)?.get(id);
-            return entry ? this.loadTuple(index, ns, entry) : undefined;
+            return entry ? this.loadTuple(index, ns, entry, values) : undefined;
           });
           if (!tuple) continue;
           if (filter && !matchesFilter(tuple.metadata, filter)) continue;
@@ -382,25 +400,32 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     return join(this.threadsDir, name);
   }
 
-  private async loadTuple(index: ThreadIndex, ns: string, entry: CheckpointEntry): Promise<CheckpointTuple> {
+  /** `values: false`: the checkpoint without its channel values and pending writes (see listMetadata). */
+  private async loadTuple(index: ThreadIndex, ns: string, entry: CheckpointEntry, values = true): Promise<CheckpointTuple> {
     const rec = await this.read<CheckpointRecord>(index, entry, "cp", entry.id);
     const channel_values: Record<string, unknown> = {};
-    for (const [channel, version] of Object.entries(rec.cp.channel_versions)) {
+    // Several unchanged channels often live in one earlier record: read it once (each value is its own part of it).
+    const holders = new Map<number, CheckpointRecord>([[entry.offset, rec]]);
+    for (const [channel, version] of values ? Object.entries(rec.cp.channel_versions) : []) {
       const loc = index.blobs.get(blobKey(ns, channel, version));
       if (!loc) continue;
-      const holder = loc.offset === entry.offset ? rec : await this.read<CheckpointRecord>(index, loc, "cp");
+      let holder = holders.get(loc.offset);
+      if (!holder) {
+        holder = await this.read<CheckpointRecord>(index, loc, "cp");
+        holders.set(loc.offset, holder);
+      }
       const blob = holder.blobs[channel];
       if (!blob || blob.t === "empty") continue;
       channel_values[channel] = await this.decode(blob);
     }
     const checkpoint = { ...rec.cp, channel_values } as Checkpoint;
-    if (checkpoint.v < 4 && entry.parent) await this.migratePendingSends(index, ns, entry.parent, checkpoint);
+    if (values && checkpoint.v < 4 && entry.parent) await this.migratePendingSends(index, ns, entry.parent, checkpoint);
     const config = { configurable: { thread_id: index.thread, checkpoint_ns: ns, checkpoint_id: entry.id } };
     const tuple: CheckpointTuple = {
       config,
       checkpoint,
       metadata: (await this.decode(rec.md)) as CheckpointMetadata,
-      pendingWrites: await this.loadWrites(index, ns, entry.id),
+      pendingWrites: values ? await this.loadWrites(index, ns, entry.id) : [],
     };
     if (entry.parent) {
       tuple.parentConfig = { configurable: { thread_id: index.thread, checkpoint_ns: ns, checkpoint_id: entry.parent } };
@@ -420,7 +445,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     const entries = index.writes.get(cpKey(ns, id));
     if (!entries || entries.length === 0) return [];
     // Regular writes (idx >= 0) keep their first value; special writes (errors, interrupts) keep their last.
-    const chosen = new Map<string, { task: string; path: string; idx: number; ch: string; value: EncodedValue }>();
+    const chosen = new Map<string, { task: string; path: string; idx: number; ch: string; value: EncodedValue; shared: boolean }>();
     const records = new Map<number, WritesRecord>();
     for (const e of entries) {
       let rec = records.get(e.loc.offset);
@@ -432,12 +457,12 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       if (!w) continue;
       const key = `${e.task},${e.idx}`;
       if (e.idx >= 0 && chosen.has(key)) continue;
-      chosen.set(key, { task: e.task, path: e.path, idx: e.idx, ch: w.ch, value: w });
+      chosen.set(key, { task: e.task, path: e.path, idx: e.idx, ch: w.ch, value: w, shared: index.writeCache?.get(e.loc.offset) === rec });
     }
     const ordered = [...chosen.values()].sort((a, b) =>
       compareWritesSortKeys(writesSortKey(a.path, a.task, a.idx), writesSortKey(b.path, b.task, b.idx)),
     );
-    return Promise.all(ordered.map(async (w) => [w.task, w.ch, await this.decode(w.value)] as CheckpointPendingWrite));
+    return Promise.all(ordered.map(async (w) => [w.task, w.ch, await this.decode(w.value, w.shared)] as CheckpointPendingWrite));
   }
 
   private sortedIds(index: ThreadIndex, ns: string): string[] {
@@ -1511,6 +1536,11 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
 
   private async encode(value: unknown): Promise<string> {
     if (value === undefined) return `{"t":"undefined"}`;
+    if (this.plainJson) {
+      // The same text the serializer writes, without its copy to bytes and back.
+      const text = plainJsonText(value);
+      if (text !== undefined) return `{"t":"json","d":${text}}`;
+    }
     const [type, data] = await this.serde.dumpsTyped(value);
     if (type === "json") {
       let text = typeof data === "string" ? data : Buffer.from(data).toString("utf8");
@@ -1523,9 +1553,17 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     return JSON.stringify({ t: type, b64: bytes.toString("base64") });
   }
 
-  private async decode(value: EncodedValue): Promise<unknown> {
+  /**
+   * `shared`: the record holding the value stays cached for later reads, so the caller gets a copy (a
+   * step may change what it was given).
+   */
+  private async decode(value: EncodedValue, shared = false): Promise<unknown> {
     if (value.t === "undefined" || value.t === "empty") return undefined;
-    if ("d" in value) return this.serde.loadsTyped("json", JSON.stringify(value.d));
+    if ("d" in value) {
+      // Plain JSON is its own decoding: the record's parse already built the value.
+      if (this.plainJson && !needsRevive(value.d)) return shared ? structuredClone(value.d) : value.d;
+      return this.serde.loadsTyped("json", JSON.stringify(value.d));
+    }
     if ("b64" in value) return this.serde.loadsTyped(value.t, new Uint8Array(Buffer.from(value.b64, "base64")));
     return undefined;
   }

@@ -39,6 +39,34 @@ export function encodeLine(json: string, batch: number): string {
   return `${checksum(body)} ${body}\n`;
 }
 
+/**
+ * `encodeLine` as the bytes to write: the JSON is encoded to UTF-8 once, straight into the line, and the
+ * checksum is taken over those bytes (a checksum over a string first copies it to UTF-8 again).
+ */
+export function encodeLineBytes(json: string, batch: number): Buffer {
+  const prefix = `00000000 ${batch.toString(16).padStart(8, "0")} `;
+  const size = prefix.length + Buffer.byteLength(json, "utf8") + 1;
+  const line = Buffer.allocUnsafe(size);
+  line.write(prefix, 0, "latin1");
+  line.write(json, prefix.length, "utf8");
+  line[size - 1] = NEWLINE;
+  line.write(crc32(line.subarray(9, size - 1)).toString(16).padStart(8, "0"), 0, "latin1");
+  return line;
+}
+
+/**
+ * Decode the journal line in `bytes[start, end)` (without its newline), checking the checksum over the
+ * bytes themselves; undefined if it does not match. Same result as `decodeLine` on the line's text.
+ */
+export function decodeLineBytes(bytes: Buffer, start: number, end: number): { batch: number; json: string } | undefined {
+  if (end - start < 19 || bytes[start + 8] !== 0x20) return undefined;
+  const expected = bytes.toString("latin1", start, start + 8);
+  if (crc32(bytes.subarray(start + 9, end)).toString(16).padStart(8, "0") !== expected) return undefined;
+  const space = bytes.indexOf(0x20, start + 9);
+  if (space === -1 || space >= end || space - (start + 9) < 8) return undefined;
+  return { batch: parseInt(bytes.toString("latin1", start + 9, space), 16), json: bytes.toString("utf8", space + 1, end) };
+}
+
 /** Decode one journal line (without its newline); undefined if its checksum does not match. */
 export function decodeLine(line: string): { batch: number; json: string } | undefined {
   if (line.length < 19 || line[8] !== " ") return undefined;
@@ -85,15 +113,15 @@ export function scanLines<T>(
   while (pos < bytes.length) {
     const nl = bytes.indexOf(NEWLINE, pos);
     if (nl === -1) break; // no newline: the end of a torn write
-    const text = bytes.toString("utf8", pos, nl);
-    const line = decodeLine(text);
+    const line = decodeLineBytes(bytes, pos, nl);
+    const text = line === undefined ? bytes.toString("utf8", pos, nl) : "";
     const loc = { offset: base + pos, length: nl + 1 - pos };
     let record: T | undefined;
     if (line !== undefined) {
       try {
         record = JSON.parse(line.json) as T;
       } catch {
-        damage.push({ ...loc, why: "its checksum matches but it is not valid JSON", text });
+        damage.push({ ...loc, why: "its checksum matches but it is not valid JSON", text: bytes.toString("utf8", pos, nl) });
       }
     }
     if (line === undefined) {
@@ -209,8 +237,8 @@ export class JournalWriter {
     while (this.queue.length > 0) {
       const batch = this.queue.splice(0);
       const start = this.end;
-      const buffers = batch.map((b) => Buffer.from(encodeLine(b.json, start), "utf8"));
-      const all = Buffer.concat(buffers);
+      const buffers = batch.map((b) => encodeLineBytes(b.json, start));
+      const all = buffers.length === 1 ? buffers[0]! : Buffer.concat(buffers);
       let at = start;
       let lostAfter: unknown;
       try {
@@ -308,7 +336,7 @@ export async function createJournal(file: string, json: string): Promise<void> {
 export async function readRecord<T>(handle: FileHandle, file: string, loc: RecordLocation): Promise<T> {
   const buf = Buffer.alloc(loc.length);
   await handle.read(buf, 0, loc.length, loc.offset);
-  const line = buf[loc.length - 1] === NEWLINE ? decodeLine(buf.toString("utf8", 0, loc.length - 1)) : undefined;
+  const line = buf[loc.length - 1] === NEWLINE ? decodeLineBytes(buf, 0, loc.length - 1) : undefined;
   if (line === undefined) {
     throw new CairnError(
       "CHECKPOINT_CORRUPT",

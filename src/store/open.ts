@@ -1,5 +1,6 @@
 import { mkdir } from "node:fs/promises";
 import { uniqueVersion } from "./versions.ts";
+import { CairnSerializer } from "./serde.ts";
 import { dirname, resolve } from "node:path";
 import type { BaseCheckpointSaver, ChannelVersions, PendingWrite } from "@langchain/langgraph-checkpoint";
 import type { RunnableConfig } from "@langchain/core/runnables";
@@ -256,7 +257,7 @@ async function openSqlite(path: string): Promise<OpenedStore> {
     const opened = db;
     opened.exec(SQLITE_LEASES);
     const leases = sqliteLeases(opened, display);
-    const saver = new DurableSqliteSaver(fencedSqlite(opened, display, leases));
+    const saver = new DurableSqliteSaver(fencedSqlite(opened, display, leases), new CairnSerializer());
     saver.leases = leases;
     saver.prepare();
     const threads = db.prepare("SELECT DISTINCT thread_id FROM checkpoints").pluck();
@@ -422,7 +423,7 @@ async function openPostgres(target: Extract<StoreTarget, { kind: "postgres" }>):
   const table = `"${schema}".cairn_leases`;
   leases = postgresLeases(pool, table, display);
   const held = leases;
-  const saver = new ForkSafePostgresSaver(fencedPool(pool, table, display, held, writing) as unknown as typeof pool, undefined, { schema });
+  const saver = new ForkSafePostgresSaver(fencedPool(pool, table, display, held, writing) as unknown as typeof pool, new CairnSerializer(), { schema });
   try {
     await saver.setup();
     await createPostgresLeases(pool, table);

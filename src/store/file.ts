@@ -162,6 +162,8 @@ interface ThreadIndex {
   rootCount: number;
   writer?: JournalWriter;
   opening?: Promise<void>;
+  /** A writer being replaced after a failed write (see writableIndex). */
+  reviving?: Promise<void>;
   refreshing?: Promise<void>;
   /** A scan queued behind the running one, not started yet: later callers wait for it too. */
   queuedScan?: Promise<void>;
@@ -456,7 +458,11 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     newVersions: ChannelVersions,
   ): Promise<RunnableConfig> {
     const thread = requireThread(config, "put a checkpoint");
-    return this.gate(thread).shared(() => this.putCheckpoint(thread, config, checkpoint, metadata, newVersions));
+    return this.gate(thread)
+      .shared(() => this.putCheckpoint(thread, config, checkpoint, metadata, newVersions))
+      .catch((error: unknown) => {
+        throw this.storageFailure(error, thread, `saving checkpoint ${checkpoint.id} of thread "${thread}"`);
+      });
   }
 
   private async putCheckpoint(
@@ -488,7 +494,11 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
 
   async putWrites(config: RunnableConfig, writes: PendingWrite[], taskId: string, taskPath = ""): Promise<void> {
     const thread = requireThread(config, "save task writes");
-    return this.gate(thread).shared(() => this.putTaskWrites(thread, config, writes, taskId, taskPath));
+    return this.gate(thread)
+      .shared(() => this.putTaskWrites(thread, config, writes, taskId, taskPath))
+      .catch((error: unknown) => {
+        throw this.storageFailure(error, thread, `saving the results of task ${taskId} of thread "${thread}"`);
+      });
   }
 
   private async putTaskWrites(thread: string, config: RunnableConfig, writes: PendingWrite[], taskId: string, taskPath: string): Promise<void> {
@@ -574,6 +584,13 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
         index.reader = undefined;
       });
     }
+  }
+
+  /** A full or failing disk met outside the journal append (creating the thread, its lock, the marker), as DISK_FULL / STORE_IO_FAILED. */
+  private storageFailure(error: unknown, thread: string, what: string): unknown {
+    if (!isStorageFailure(error)) return error;
+    const file = (error as NodeJS.ErrnoException).path ?? this.threadDir(thread);
+    return storageError(error, { file, thread, what });
   }
 
   private gate(thread: string): ThreadGate {
@@ -793,6 +810,14 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       await creation;
       index = await this.index(thread, tolerate);
       if (!index) throw new Error(`BUG: thread ${thread} was created but cannot be read back`);
+    }
+    if (index.writer?.reopenable) {
+      // The last append failed to write (a full disk): bytes of it may sit past the last record. A new
+      // writer scans the journal again and cuts them; after a failed fdatasync it never does (see JournalWriter).
+      index.reviving ??= this.reopen(index).finally(() => {
+        index.reviving = undefined;
+      });
+      await index.reviving;
     }
     if (!index.writer) {
       const opened = index;
@@ -1376,9 +1401,18 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     try {
       await this.fs.writeFile(tmp, JSON.stringify(body, jsonForView, 2) + "\n");
       await this.fs.rename(tmp, join(index.dir, name));
-    } catch {
-      // The checkpoint is already saved; a missing view is not worth failing the step for.
+    } catch (error) {
       await this.fs.unlink(tmp).catch(() => {});
+      // The checkpoint is already saved; a missing view is not worth failing the step for, but a full
+      // or failing disk is: the next step's checkpoint could not be saved either, so stop before it runs.
+      if (isStorageFailure(error)) {
+        throw storageError(error, {
+          file: join(index.dir, name),
+          thread: index.thread,
+          what: `writing the readable step file of checkpoint ${checkpoint.id}`,
+          intact: `the checkpoint itself is saved (only its readable view is missing)`,
+        });
+      }
     }
   }
 

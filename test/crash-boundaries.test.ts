@@ -141,7 +141,7 @@ const scenarios: Scenario[] = [
     },
   },
   {
-    name: "compaction (deleteCheckpoints), then a put",
+    name: "compaction (deleteCheckpoints)",
     setup: async (store) => {
       const saver = new FileCheckpointSaver({ dir: store });
       await put(saver, 1);

@@ -13,6 +13,8 @@ export type CairnErrorCode =
   | "GRAPH_LOAD_FAILED"
   | "UNSUPPORTED_STORE"
   | "STORE_UNAVAILABLE"
+  | "DISK_FULL"
+  | "STORE_IO_FAILED"
   | "STEP_FAILED"
   | "HISTORY_PRUNED"
   | "THREAD_LOCKED"

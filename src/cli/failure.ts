@@ -25,3 +25,15 @@ export function explainStepFailure(io: Io, error: CairnError, file: string, stor
   if (verbose && error.cause instanceof Error && error.cause.stack) io.err(error.cause.stack);
   return 1;
 }
+
+/** The store's disk is full or failed: what was not saved, and the exact command that continues once it is fixed. Exit code 1. */
+export function explainStorageFailure(io: Io, error: CairnError, file: string, store: string | undefined, verbose: boolean): number {
+  const thread = error.details.thread;
+  io.err(`✗ ${error.message}`);
+  if (typeof thread === "string") {
+    const fix = error.code === "DISK_FULL" ? "Once there is room" : "Once the disk is fixed";
+    io.err(`  ${fix}, continue with: cairn resume ${shellArg(file)} ${flag("thread", thread)}${store ? ` ${flag("store", store)}` : ""}`);
+  }
+  if (verbose && error.cause instanceof Error && error.cause.stack) io.err(error.cause.stack);
+  return 1;
+}

@@ -1,6 +1,6 @@
 import type { RunResult } from "../index.ts";
 import { formatUsd, isCairnError, isEmptyUsage } from "../index.ts";
-import { explainStepFailure } from "./failure.ts";
+import { explainStepFailure, explainStorageFailure } from "./failure.ts";
 import { describeUsage, ProgressReporter } from "./progress.ts";
 import { flag, formatBytes, formatDuration, plural, renderFinalState, shellArg, type Io } from "./render.ts";
 
@@ -67,6 +67,7 @@ export async function session(io: Io, options: SessionOptions, start: (hooks: Se
   } catch (error) {
     reporter.finish();
     if (isCairnError(error, "STEP_FAILED")) return explainStepFailure(io, error, options.file, options.store, options.verbose);
+    if (isCairnError(error, "DISK_FULL") || isCairnError(error, "STORE_IO_FAILED")) return explainStorageFailure(io, error, options.file, options.store, options.verbose);
     throw error;
   } finally {
     process.off("SIGINT", onSignal);

@@ -52,7 +52,7 @@ export async function verifyStore(store: OpenedStore, options: { thread?: string
   const saver = store.saver;
   if (saver instanceof FileCheckpointSaver) {
     if (all.length > 0) await checkMarker(saver.dir, report);
-    for (const thread of threads) await verifyFileThread(saver, thread, store.uri, report);
+    for (const thread of threads) await verifyFileThread(saver, thread, store.uri, report, options.thread !== undefined);
   } else {
     if (options.thread !== undefined && !all.includes(options.thread)) await latestTuple(saver, options.thread, store.uri);
     for (const thread of threads) await verifyRows(store, thread, report);
@@ -70,7 +70,7 @@ export async function verifyStore(store: OpenedStore, options: { thread?: string
   return report;
 }
 
-async function verifyFileThread(saver: FileCheckpointSaver, thread: string, uri: string, report: VerifyReport): Promise<void> {
+async function verifyFileThread(saver: FileCheckpointSaver, thread: string, uri: string, report: VerifyReport, named: boolean): Promise<void> {
   let found;
   try {
     found = await saver.verifyThread(thread);
@@ -85,6 +85,12 @@ async function verifyFileThread(saver: FileCheckpointSaver, thread: string, uri:
     return;
   }
   if (!found) {
+    // A folder whose journal holds no complete record: a thread whose creation a crash cut short (its
+    // first checkpoint was never acknowledged). Not damage; the next write to the thread starts it again.
+    if (!named && (await saver.listThreadIds()).includes(thread)) {
+      report.notes.push(`thread "${thread}": its folder holds no complete record yet (its first write was cut short); the next write to it starts it again`);
+      return;
+    }
     await latestTuple(saver, thread, uri); // THREAD_NOT_FOUND, as every command reports it
     return;
   }

@@ -2,7 +2,7 @@ import { hostname } from "node:os";
 import type { CheckpointTuple } from "@langchain/langgraph-checkpoint";
 import { CairnError, isCairnError } from "../errors.ts";
 import { latestTuple, readHistory, statusOf, type HistoryEntry, type ThreadStatus } from "../inspect/history.ts";
-import { isArtifactRef } from "../store/artifacts.ts";
+import { FileArtifactStore, isArtifactRef } from "../store/artifacts.ts";
 import { withStore, type OpenedStore } from "../store/open.ts";
 
 /**
@@ -378,10 +378,12 @@ async function collectGarbage(
   options: { grace?: string | number; dryRun?: boolean; now?: Date; exclude?: Exclusions },
 ): Promise<ArtifactGcReport> {
   const report = emptyGc(options.dryRun === true, options);
+  const cutoff = new Date((options.now ?? new Date()).getTime() - report.graceMs);
+  // Temporary files of artifact writes a crash cut short (file store): never read, older than the grace.
+  if (!options.dryRun && store.artifacts instanceof FileArtifactStore) report.bytesFreed += await store.artifacts.removeTemporaryFiles(cutoff);
   const stored = await store.artifacts.list();
   if (stored.length === 0) return report;
   const referenced = await referencedArtifacts(store, { exclude: options.exclude });
-  const cutoff = new Date((options.now ?? new Date()).getTime() - report.graceMs);
   for (const a of stored) {
     if (referenced.has(a.sha256)) report.referenced += 1;
     else if (a.touchedAt > cutoff) report.recent += 1;

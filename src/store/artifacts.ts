@@ -1,10 +1,10 @@
-import { createHash } from "node:crypto";
-import { mkdir, readdir, readFile, stat, unlink, utimes } from "node:fs/promises";
+import { createHash, randomBytes } from "node:crypto";
 import { join } from "node:path";
-import writeFileAtomic from "write-file-atomic";
 import { z } from "zod";
 import { CairnError } from "../errors.ts";
+import { nodeFs, writeAll, type StoreFs } from "./fs.ts";
 import { fsyncDir } from "./fsync.ts";
+import { storageError } from "./io-errors.ts";
 
 /**
  * Binary outputs of steps (images, audio, video) live beside the checkpoints, never inside them: a step
@@ -152,11 +152,13 @@ export function extensionFor(mediaType: string): string {
 
 /**
  * Artifacts as real files: `<dir>/artifacts/<aa>/<sha256>.<ext>`, openable with any viewer. Written to a
- * temporary file, fsynced, renamed into place, and the folder fsynced, so a crash leaves either the whole
- * file or none (a leftover temporary file is ignored).
+ * temporary file (`.<sha256>.<ext>.tmp-<random>`), fsynced, renamed into place, and the folder fsynced, so
+ * a crash leaves either the whole file or none. A leftover temporary file is never read; artifact GC
+ * (`cairn prune`, `gcArtifacts`) removes those older than its grace period.
  */
 export class FileArtifactStore implements ArtifactStore {
-  constructor(readonly dir: string) {}
+  /** @param fs For cairn's crash tests only: the file operations to use (see fs.ts). */
+  constructor(readonly dir: string, private readonly fs: StoreFs = nodeFs) {}
 
   locate(ref: ArtifactRef): string {
     return join(this.dir, "artifacts", ref.sha256.slice(0, 2), `${ref.sha256}.${extensionFor(ref.mediaType)}`);
@@ -165,25 +167,68 @@ export class FileArtifactStore implements ArtifactStore {
   async put(bytes: Uint8Array, options?: PutArtifactOptions): Promise<ArtifactRef> {
     const ref = refFor(bytes, options);
     const path = this.locate(ref);
-    const existing = await stat(path).catch(() => undefined);
+    const fs = this.fs;
+    const existing = await fs.stat(path).catch(() => undefined);
     // Kept once per hash; a damaged copy is replaced rather than trusted. Touched: just put again, so
     // artifact GC treats it as recent until the step's checkpoint refers to it.
-    if (existing?.size === ref.size && sha256Of(await readFile(path)) === ref.sha256) {
+    if (existing?.size === ref.size && sha256Of(await fs.readFile(path)) === ref.sha256) {
       const now = new Date();
-      await utimes(path, now, now).catch(() => {});
+      await fs.utimes(path, now, now).catch(() => {});
       return ref;
     }
     const folder = join(this.dir, "artifacts", ref.sha256.slice(0, 2));
-    await mkdir(folder, { recursive: true });
-    await writeFileAtomic(path, Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength), { fsync: true });
-    await fsyncDir(folder);
+    const tmp = join(folder, `.${ref.sha256}.${extensionFor(ref.mediaType)}.tmp-${randomBytes(6).toString("hex")}`);
+    let synced = false;
+    try {
+      await fs.mkdir(folder);
+      const handle = await fs.open(tmp, "wx");
+      try {
+        await writeAll(handle, bytes, 0);
+        synced = true;
+        await handle.sync();
+        synced = false;
+      } finally {
+        await handle.close();
+      }
+      await fs.rename(tmp, path);
+      synced = true;
+      await fsyncDir(folder, fs);
+    } catch (error) {
+      await fs.unlink(tmp).catch(() => {});
+      throw storageError(error, {
+        file: path,
+        what: `storing artifact ${ref.name ?? `sha256:${ref.sha256.slice(0, 12)}…`} (${ref.size} bytes)`,
+        synced,
+        intact: "the checkpoints saved before it are intact",
+      });
+    }
     return ref;
+  }
+
+  /**
+   * Remove temporary files of artifact writes a crash cut short, last changed before `before` (a put
+   * under way in another process is newer). Returns the bytes freed.
+   */
+  async removeTemporaryFiles(before: Date): Promise<number> {
+    const root = join(this.dir, "artifacts");
+    let freed = 0;
+    for (const folder of await this.fs.readdir(root).catch(() => [] as string[])) {
+      if (!/^[0-9a-f]{2}$/.test(folder)) continue;
+      for (const name of await this.fs.readdir(join(root, folder)).catch(() => [] as string[])) {
+        if (!/^\.[0-9a-f]{64}\.[A-Za-z0-9]+\.tmp-[0-9a-f]+$/.test(name)) continue;
+        const path = join(root, folder, name);
+        const s = await this.fs.stat(path).catch(() => undefined);
+        if (!s || s.mtime >= before) continue;
+        await this.fs.unlink(path).then(() => (freed += s.size)).catch(() => {});
+      }
+    }
+    return freed;
   }
 
   async get(ref: ArtifactRef): Promise<Uint8Array> {
     const path = this.locate(ref);
     try {
-      return checked(ref, await readFile(path), path);
+      return checked(ref, await this.fs.readFile(path), path);
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code === "ENOENT") throw missing(ref, path);
       throw error;
@@ -193,30 +238,30 @@ export class FileArtifactStore implements ArtifactStore {
   async check(sha256: string): Promise<{ where: string; problem?: string }[]> {
     const folder = join(this.dir, "artifacts", sha256.slice(0, 2));
     const out: { where: string; problem?: string }[] = [];
-    for (const name of await readdir(folder).catch(() => [] as string[])) {
+    for (const name of await this.fs.readdir(folder).catch(() => [] as string[])) {
       if (!new RegExp(`^${sha256}\\.[A-Za-z0-9]+$`).test(name)) continue;
       const where = join(folder, name);
-      const problem = hashProblem(sha256, await readFile(where));
+      const problem = hashProblem(sha256, await this.fs.readFile(where));
       out.push(problem ? { where, problem } : { where });
     }
     return out;
   }
 
   async has(sha256: string): Promise<boolean> {
-    const names = await readdir(join(this.dir, "artifacts", sha256.slice(0, 2))).catch(() => [] as string[]);
+    const names = await this.fs.readdir(join(this.dir, "artifacts", sha256.slice(0, 2))).catch(() => [] as string[]);
     return names.some((n) => n.startsWith(`${sha256}.`));
   }
 
   async list(): Promise<StoredArtifact[]> {
     const root = join(this.dir, "artifacts");
     const out: StoredArtifact[] = [];
-    for (const folder of await readdir(root).catch(() => [] as string[])) {
+    for (const folder of await this.fs.readdir(root).catch(() => [] as string[])) {
       if (!/^[0-9a-f]{2}$/.test(folder)) continue;
-      for (const name of await readdir(join(root, folder)).catch(() => [] as string[])) {
-        // `<sha256>.<ext>` only: write-file-atomic's temporary files carry a further suffix.
+      for (const name of await this.fs.readdir(join(root, folder)).catch(() => [] as string[])) {
+        // `<sha256>.<ext>` only: temporary files start with a dot.
         const m = /^([0-9a-f]{64})\.[A-Za-z0-9]+$/.exec(name);
         if (!m) continue;
-        const s = await stat(join(root, folder, name)).catch(() => undefined);
+        const s = await this.fs.stat(join(root, folder, name)).catch(() => undefined);
         if (s) out.push({ sha256: m[1]!, bytes: s.size, touchedAt: s.mtime });
       }
     }
@@ -227,13 +272,13 @@ export class FileArtifactStore implements ArtifactStore {
     if (!/^[0-9a-f]{64}$/.test(sha256)) return 0;
     const folder = join(this.dir, "artifacts", sha256.slice(0, 2));
     let freed = 0;
-    for (const name of await readdir(folder).catch(() => [] as string[])) {
+    for (const name of await this.fs.readdir(folder).catch(() => [] as string[])) {
       if (!new RegExp(`^${sha256}\\.[A-Za-z0-9]+$`).test(name)) continue;
       const path = join(folder, name);
-      const s = await stat(path).catch(() => undefined);
+      const s = await this.fs.stat(path).catch(() => undefined);
       if (!s || (options.touchedBefore && s.mtime > options.touchedBefore)) continue;
       try {
-        await unlink(path);
+        await this.fs.unlink(path);
         freed += s.size;
       } catch (error) {
         if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;

@@ -1,4 +1,3 @@
-import { appendFile, link, mkdir, open, readdir, readFile, rename, rm, stat, unlink, utimes, writeFile, type FileHandle } from "node:fs/promises";
 import { hostname } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import type { RunnableConfig } from "@langchain/core/runnables";
@@ -29,6 +28,8 @@ import { isInternalChannel, nodesThatRan } from "./steps.ts";
 import { uniqueVersion } from "./versions.ts";
 import { CairnSerializer, isDefaultSerializer, needsRevive, plainJsonText } from "./serde.ts";
 import { fsyncDir } from "./fsync.ts";
+import { nodeFs, writeAll, type StoreFileHandle, type StoreFs } from "./fs.ts";
+import { isStorageFailure, storageError } from "./io-errors.ts";
 
 /** The version of the on-disk format this code writes. Readers refuse newer versions with a clear error. */
 export const FILE_STORE_FORMAT_VERSION = 1;
@@ -190,16 +191,20 @@ interface ThreadIndex {
   rootCount: number;
   writer?: JournalWriter;
   opening?: Promise<void>;
+  /** A writer being replaced after a failed write (see writableIndex). */
+  reviving?: Promise<void>;
   refreshing?: Promise<void>;
   /** A scan queued behind the running one, not started yet: later callers wait for it too. */
   queuedScan?: Promise<void>;
-  reader?: FileHandle;
+  reader?: StoreFileHandle;
   /** The journal this index describes: its header's id (a deleted and recreated thread is a new one). */
   journalId?: string;
   /** Whether this saver holds the thread's writer lock. */
   locked?: boolean;
   /** The kind of the last intact record scanned ("end" after a clean close). */
   lastKind?: JournalRecord["k"];
+  /** Where the journal's trailing `end` record starts, when the journal ends with one (closed cleanly). */
+  endAt?: number;
   /**
    * Small write records already read, by offset. The journal is append-only, so a record never changes
    * at its offset; a resumed fan-out reads its thousands of saved items several times (getTuple for the
@@ -282,14 +287,25 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   private markerWritten?: Promise<void>;
   /** Thread creations under way, so concurrent first writes to a thread create it once. */
   private creating = new Map<string, Promise<void>>();
-  private readonly saverId = `${process.pid}-${(saverCount += 1)}-${Date.now().toString(36)}`;
+  private readonly saverId: string;
   private tmpCount = 0;
   /** The serializer is LangGraph's JSON one (or cairn's faster equal): plain JSON is written and read directly. */
   private readonly plainJson: boolean;
+  /** Every file operation goes through here (see fs.ts). */
+  private readonly fs: StoreFs;
+  /** The pid this saver writes into its lock and temporary names. */
+  private readonly pid: number;
 
-  constructor(options: FileCheckpointSaverOptions) {
+  /**
+   * @param internal For cairn's own crash tests only: the file operations to use (default: node's), and
+   *   the pid to record as the writer (a simulated crashed process must look dead to the next one).
+   */
+  constructor(options: FileCheckpointSaverOptions, internal: { fs?: StoreFs; pid?: number } = {}) {
     super(options.serde ?? new CairnSerializer());
     this.plainJson = isDefaultSerializer(this.serde);
+    this.fs = internal.fs ?? nodeFs;
+    this.pid = internal.pid ?? process.pid;
+    this.saverId = `${this.pid}-${(saverCount += 1)}-${Date.now().toString(36)}`;
     this.dir = options.dir;
     this.threadsDir = join(options.dir, "threads");
     this.stepFiles = options.stepFiles ?? true;
@@ -375,7 +391,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   async listThreadIds(): Promise<string[]> {
     let names: string[];
     try {
-      names = await readdir(this.threadsDir);
+      names = await this.fs.readdir(this.threadsDir);
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code === "ENOENT") return [];
       throw error;
@@ -477,7 +493,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   private async read<T extends JournalRecord>(index: ThreadIndex, loc: RecordLocation, kind: T["k"], id?: string): Promise<T> {
     const cached = kind === "w" ? index.writeCache?.get(loc.offset) : undefined;
     if (cached) return cached as T;
-    index.reader ??= await open(index.file, "r");
+    index.reader ??= await this.fs.open(index.file, "r");
     const record = await readRecord<JournalRecord>(index.reader, index.file, loc);
     // The index and the file must agree on what sits at this offset; anything else is never served.
     if (record.k !== kind || (id !== undefined && (record as CheckpointRecord).id !== id)) {
@@ -505,7 +521,11 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     newVersions: ChannelVersions,
   ): Promise<RunnableConfig> {
     const thread = requireThread(config, "put a checkpoint");
-    return this.gate(thread).shared(() => this.putCheckpoint(thread, config, checkpoint, metadata, newVersions));
+    return this.gate(thread)
+      .shared(() => this.putCheckpoint(thread, config, checkpoint, metadata, newVersions))
+      .catch((error: unknown) => {
+        throw this.storageFailure(error, thread, `saving checkpoint ${checkpoint.id} of thread "${thread}"`);
+      });
   }
 
   private async putCheckpoint(
@@ -537,7 +557,11 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
 
   async putWrites(config: RunnableConfig, writes: PendingWrite[], taskId: string, taskPath = ""): Promise<void> {
     const thread = requireThread(config, "save task writes");
-    return this.gate(thread).shared(() => this.putTaskWrites(thread, config, writes, taskId, taskPath));
+    return this.gate(thread)
+      .shared(() => this.putTaskWrites(thread, config, writes, taskId, taskPath))
+      .catch((error: unknown) => {
+        throw this.storageFailure(error, thread, `saving the results of task ${taskId} of thread "${thread}"`);
+      });
   }
 
   private async putTaskWrites(thread: string, config: RunnableConfig, writes: PendingWrite[], taskId: string, taskPath: string): Promise<void> {
@@ -593,13 +617,13 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     const trash = join(this.threadsDir, `.deleted-${this.saverId}-${(this.tmpCount += 1)}`);
     try {
       // Rename first: the thread disappears in one step, and a crash mid-delete leaves only a dot-folder.
-      await rename(dir, trash);
+      await this.fs.rename(dir, trash);
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code === "ENOENT") return;
       throw error;
     }
-    await fsyncDir(this.threadsDir);
-    await rm(trash, { recursive: true, force: true });
+    await fsyncDir(this.threadsDir, this.fs);
+    await this.fs.rmTree(trash);
   }
 
   /**
@@ -639,6 +663,13 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       await index.reader?.close();
       index.reader = undefined;
     });
+  }
+
+  /** A full or failing disk met outside the journal append (creating the thread, its lock, the marker), as DISK_FULL / STORE_IO_FAILED. */
+  private storageFailure(error: unknown, thread: string, what: string): unknown {
+    if (!isStorageFailure(error)) return error;
+    const file = (error as NodeJS.ErrnoException).path ?? this.threadDir(thread);
+    return storageError(error, { file, thread, what });
   }
 
   private gate(thread: string): ThreadGate {
@@ -693,7 +724,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     const dir = this.threadDir(thread);
     const file = join(dir, JOURNAL);
     try {
-      await stat(file);
+      await this.fs.stat(file);
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code === "ENOENT") return undefined;
       throw error;
@@ -719,9 +750,9 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     if (index.validEnd === 0) {
       // No complete record yet: the thread is being created (or its creation was cut short), unless step
       // files beside it show it had checkpoints: then its journal was emptied or cut, and that is damage.
-      const steps = (await readdir(dir).catch(() => [] as string[])).filter((n) => /^\d+-.*\.json$/.test(n));
+      const steps = (await this.fs.readdir(dir).catch(() => [] as string[])).filter((n) => /^\d+-.*\.json$/.test(n));
       if (steps.length > 0) {
-        const { size } = await stat(file);
+        const { size } = await this.fs.stat(file);
         throw new CairnError(
           "CHECKPOINT_CORRUPT",
           `Checkpoint journal ${file} of thread "${thread}" holds no intact record (${size} bytes), yet ${steps.length} step files beside it show the thread had checkpoints. ` +
@@ -751,7 +782,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   }
 
   private async scanTail(index: ThreadIndex): Promise<void> {
-    const handle = await open(index.file, "r");
+    const handle = await this.fs.open(index.file, "r");
     let bytes: Buffer;
     try {
       const { size } = await handle.stat();
@@ -780,6 +811,10 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       this.noteDamage(index, { offset: validEnd, length }, "the journal was closed cleanly, yet the bytes after its end record do not form intact records", identify(text));
     }
     index.lastKind = last;
+    if (records.length > 0) {
+      const tail = records[records.length - 1]!;
+      index.endAt = tail.record.k === "end" && !torn ? tail.offset : undefined;
+    } else if (torn) index.endAt = undefined;
     for (const { record, offset, length } of records) {
       const loc = { offset, length };
       const wrong = structureProblem(record);
@@ -872,22 +907,30 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       index = await this.index(thread, tolerate);
       if (!index) throw new Error(`BUG: thread ${thread} was created but cannot be read back`);
     }
+    if (index.writer?.reopenable) {
+      // The last append failed to write (a full disk): bytes of it may sit past the last record. A new
+      // writer scans the journal again and cuts them; after a failed fdatasync it never does (see JournalWriter).
+      index.reviving ??= this.reopen(index).finally(() => {
+        index.reviving = undefined;
+      });
+      await index.reviving;
+    }
     if (!index.writer) {
       const opened = index;
       opened.opening ??= (async () => {
         await this.ensureMarker();
         await this.acquireLock(opened);
         try {
-          // A compaction a crash cut short left its unfinished journal: never read, removed here.
-          await removeUnfinishedCompactions(opened.dir);
+          // What an interrupted writer left (an unfinished compaction, lock or step file): never read, removed here.
+          await removeLeftovers(this.fs, opened.dir, this.saverId);
           // Scan again under the lock: only bytes past the last good record (a torn tail) are cut.
           await this.refresh(opened);
           const gen = opened.myGen!;
           if (opened.maxGen >= gen) throw lostLock(opened.thread, join(opened.dir, LOCK), { file: opened.file });
-          opened.writer = await this.openWriter(opened, gen);
+          await this.openWriter(opened, gen);
           // The takeover: from this record on, only this generation's records count. Then read what
           // landed before it (a paused holder's last write), so this writer continues from all of it.
-          await opened.writer.append(JSON.stringify({ k: "gen", pid: process.pid, host: hostname(), at: new Date().toISOString() }));
+          await opened.writer!.append(JSON.stringify({ k: "gen", pid: this.pid, host: hostname(), at: new Date().toISOString() }));
           await this.scanTail(opened);
           if (opened.gen !== gen) throw lostLock(opened.thread, join(opened.dir, LOCK), { file: opened.file });
         } catch (error) {
@@ -921,17 +964,17 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       const gen = Math.max(floor, index.maxGen) + 1;
       const mine: LockHolder = { pid: process.pid, host: hostname(), since: new Date().toISOString(), saver: this.saverId, gen, lease: this.leaseMs };
       const tmp = join(index.dir, `.${LOCK}.${this.saverId}`);
-      await writeFile(tmp, JSON.stringify(mine) + "\n");
+      await this.fs.writeFile(tmp, JSON.stringify(mine) + "\n");
       try {
-        await link(tmp, lock);
+        await this.fs.link(tmp, lock);
         this.holdLock(index, gen);
         return;
       } catch (error) {
         if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw error;
       } finally {
-        await unlink(tmp).catch(() => {});
+        await this.fs.unlink(tmp).catch(() => {});
       }
-      const holder = await readLock(lock);
+      const holder = await readLock(this.fs, lock);
       if (holder === "missing") continue; // released meanwhile: try again
       if (holder !== "garbled" && holder.saver === this.saverId) {
         this.holdLock(index, holder.gen ?? gen);
@@ -959,7 +1002,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     // Touching a lock that is no longer ours (taken over meanwhile) only lengthens its holder's lease.
     index.heartbeat = setInterval(() => {
       const now = new Date();
-      utimes(lock, now, now).catch(() => {});
+      this.fs.utimes(lock, now, now).catch(() => {});
     }, Math.max(10, Math.floor(this.leaseMs / 3)));
     index.heartbeat.unref();
   }
@@ -974,14 +1017,14 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   private async moveStaleLock(lock: string, judged: LockHolder | "garbled"): Promise<void> {
     const aside = `${lock}.stale-${this.saverId}`;
     try {
-      await rename(lock, aside);
+      await this.fs.rename(lock, aside);
     } catch {
       return; // gone already: someone else moved or released it
     }
-    const moved = await readLock(aside);
+    const moved = await readLock(this.fs, aside);
     const same = judged === "garbled" ? moved === "garbled" : typeof moved === "object" && moved.saver === judged.saver;
-    if (!same) await link(aside, lock).catch(() => {});
-    await unlink(aside).catch(() => {});
+    if (!same) await this.fs.link(aside, lock).catch(() => {});
+    await this.fs.unlink(aside).catch(() => {});
   }
 
   /**
@@ -992,7 +1035,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
    */
   private async checkStillWriter(index: ThreadIndex): Promise<void> {
     const lock = join(index.dir, LOCK);
-    const holder = await readLock(lock).catch(() => "missing" as const);
+    const holder = await readLock(this.fs, lock).catch(() => "missing" as const);
     if (typeof holder === "object" && holder.saver === this.saverId) return;
     clearInterval(index.heartbeat);
     throw new CairnError(
@@ -1007,17 +1050,10 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     clearInterval(index.heartbeat);
     index.heartbeat = undefined;
     const lock = join(index.dir, LOCK);
-    const holder = await readLock(lock);
-    if (typeof holder === "object" && holder.saver === this.saverId) await unlink(lock).catch(() => {});
+    const holder = await readLock(this.fs, lock);
+    if (typeof holder === "object" && holder.saver === this.saverId) await this.fs.unlink(lock).catch(() => {});
     index.locked = false;
     index.myGen = undefined;
-  }
-
-  private openWriter(index: ThreadIndex, gen: number): Promise<JournalWriter> {
-    return JournalWriter.open(index.file, index.validEnd, () => this.checkStillWriter(index), gen, () => {
-      clearInterval(index.heartbeat);
-      return lostLock(index.thread, join(index.dir, LOCK), { file: index.file });
-    });
   }
 
   /**
@@ -1037,7 +1073,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
 
   /** Who holds the thread's writer lock, if anyone. */
   async lockHolder(threadId: string): Promise<(PublicHolder & { stale: boolean; mine: boolean }) | undefined> {
-    const holder = await readLock(join(this.threadDir(threadId), LOCK));
+    const holder = await readLock(this.fs, join(this.threadDir(threadId), LOCK));
     if (holder === "missing") return undefined;
     if (holder === "garbled") return { pid: 0, host: "?", since: "?", stale: true, mine: false };
     return { pid: holder.pid, host: holder.host, since: holder.since, expires: holder.expires, stale: isStale(holder), mine: holder.saver === this.saverId };
@@ -1051,7 +1087,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   async unlockThread(threadId: string, force: boolean): Promise<PublicHolder | undefined> {
     const dir = this.threadDir(threadId);
     const lock = join(dir, LOCK);
-    const holder = await readLock(lock);
+    const holder = await readLock(this.fs, lock);
     if (holder === "missing") return undefined;
     if (holder !== "garbled" && !force && !isStale(holder)) throw lockedBy(threadId, lock, holder);
     const index = await this.index(threadId, true);
@@ -1059,20 +1095,13 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       const fence = Math.max(index.maxGen, holder === "garbled" ? 0 : (holder.gen ?? 0)) + 1;
       const json = withGen(JSON.stringify({ k: "gen", at: new Date().toISOString(), unlock: true } satisfies Omit<GenRecord, "g">), fence);
       // A holder cut off mid-write may have left a line without its newline: start a fresh line.
-      const handle = await open(index.file, "r");
-      let tail: Buffer;
-      let size: number;
+      const h = await this.fs.open(index.file, "a+");
       try {
-        size = (await handle.stat()).size;
-        tail = Buffer.alloc(size > 0 ? 1 : 0);
-        if (size > 0) await handle.read(tail, 0, 1, size - 1);
-      } finally {
-        await handle.close();
-      }
-      const line = (tail.length && tail[0] !== 0x0a ? "\n" : "") + encodeLine(json, size);
-      const h = await open(index.file, "a");
-      try {
-        await h.write(line);
+        const size = (await h.stat()).size;
+        const tail = Buffer.alloc(size > 0 ? 1 : 0);
+        if (size > 0) await h.read(tail, 0, 1, size - 1);
+        const line = (tail.length && tail[0] !== 0x0a ? "\n" : "") + encodeLine(json, size);
+        await writeAll(h, Buffer.from(line, "utf8"));
         await h.datasync();
       } finally {
         await h.close();
@@ -1085,7 +1114,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   private async createThread(thread: string): Promise<void> {
     await this.ensureMarker();
     const dir = this.threadDir(thread);
-    await mkdir(dir, { recursive: true });
+    await this.fs.mkdir(dir);
     const header: HeaderRecord = {
       k: "hdr",
       format: "cairn-journal",
@@ -1097,21 +1126,21 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     const file = join(dir, JOURNAL);
     try {
       // Exclusive create: a journal another process made meanwhile is used as it is, never overwritten.
-      await createJournal(file, JSON.stringify(header));
+      await createJournal(this.fs, file, JSON.stringify(header));
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw error;
-      if (await hasHeader(file)) return;
+      if (await hasHeader(this.fs, file)) return;
       // A creation a crash cut short holds no record at all: set it aside and create the journal again.
-      await rename(file, `${file}.unfinished-${this.saverId}`);
-      await createJournal(file, JSON.stringify(header));
+      await this.fs.rename(file, `${file}.unfinished-${this.saverId}`);
+      await createJournal(this.fs, file, JSON.stringify(header));
     }
     // The new journal's directory entry, and the thread folder's, must survive a crash too.
-    await fsyncDir(dir);
-    await fsyncDir(this.threadsDir);
+    await fsyncDir(dir, this.fs);
+    await fsyncDir(this.threadsDir, this.fs);
   }
 
   private ensureMarker(): Promise<void> {
-    this.markerWritten ??= this.writeMarker();
+    this.markerWritten ??= this.writeMarker().then(() => this.removeStoreLeftovers());
     this.markerWritten.catch(() => {
       this.markerWritten = undefined;
     });
@@ -1122,23 +1151,43 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     await this.checkMarker();
     const marker = join(this.dir, STORE_MARKER);
     try {
-      if ((await stat(marker)).size > 0) return;
+      if ((await this.fs.stat(marker)).size > 0) return;
     } catch {
       // first write to this store
     }
-    await mkdir(this.threadsDir, { recursive: true });
+    await this.fs.mkdir(this.threadsDir);
     const body = JSON.stringify({ format: "cairn-file-store", version: FILE_STORE_FORMAT_VERSION }, null, 2) + "\n";
-    const tmp = `${marker}.tmp-${process.pid}`;
-    const handle = await open(tmp, "w");
+    const tmp = `${marker}.tmp-${this.saverId}`;
+    const handle = await this.fs.open(tmp, "w");
     try {
-      await handle.writeFile(body);
+      await writeAll(handle, Buffer.from(body, "utf8"), 0);
       await handle.sync();
     } finally {
       await handle.close();
     }
-    await rename(tmp, marker);
-    await fsyncDir(this.dir);
-    await fsyncDir(dirname(resolve(this.dir)));
+    try {
+      await this.fs.rename(tmp, marker);
+    } catch (error) {
+      // Another saver writing the marker at the same time removed this one's temporary file as a
+      // leftover after its own marker was in place: that marker is the same.
+      if ((error as NodeJS.ErrnoException).code !== "ENOENT" || !((await this.fs.stat(marker).catch(() => undefined))?.size ?? 0)) throw error;
+    }
+    await fsyncDir(this.dir, this.fs);
+    await fsyncDir(dirname(resolve(this.dir)), this.fs);
+  }
+
+  /**
+   * Remove what interrupted writers left at the top of the store: a marker's temporary file
+   * (`cairn-store.json.tmp-…`), and a deleted thread's folder renamed aside (`threads/.deleted-…`) but not
+   * yet removed. Neither is ever read. Run once per saver, when it first writes.
+   */
+  private async removeStoreLeftovers(): Promise<void> {
+    for (const name of await this.fs.readdir(this.dir).catch(() => [] as string[])) {
+      if (name.startsWith(`${STORE_MARKER}.tmp-`) && !name.endsWith(this.saverId)) await this.fs.unlink(join(this.dir, name)).catch(() => {});
+    }
+    for (const name of await this.fs.readdir(this.threadsDir).catch(() => [] as string[])) {
+      if (name.startsWith(".deleted-") && !name.startsWith(`.deleted-${this.saverId}-`)) await this.fs.rmTree(join(this.threadsDir, name)).catch(() => {});
+    }
   }
 
   private checkMarker(): Promise<void> {
@@ -1146,7 +1195,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       const marker = join(this.dir, STORE_MARKER);
       let text: string;
       try {
-        text = await readFile(marker, "utf8");
+        text = (await this.fs.readFile(marker)).toString("utf8");
       } catch {
         return;
       }
@@ -1293,7 +1342,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
 
   /** Bytes the thread's folder takes on disk (journal, step files, lock): 0 for an unknown thread. */
   async threadBytes(thread: string): Promise<number> {
-    return folderBytes(this.threadDir(thread));
+    return folderBytes(this.fs, this.threadDir(thread));
   }
 
   private async compact(thread: string, wanted: Set<string>, dryRun: boolean): Promise<DeletedCheckpoints> {
@@ -1310,7 +1359,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     let tookLock = false;
     if (dryRun) {
       // Reported as the real compaction would meet it, without taking anything.
-      const holder = await readLock(lock);
+      const holder = await readLock(this.fs, lock);
       if (typeof holder === "object" && holder.saver !== this.saverId && !isStale(holder)) throw lockedBy(thread, lock, holder);
     } else if (!index.locked) {
       await this.acquireLock(index);
@@ -1325,7 +1374,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       if (doomed.size === 0) return { deleted: [], bytesFreed: 0 };
       const stepFiles = await this.stepFilesOf(index, doomed);
       const stepBytes = stepFiles.reduce((sum, f) => sum + f.size, 0);
-      const handle = await open(index.file, "r");
+      const handle = await this.fs.open(index.file, "r");
       let header: HeaderRecord | undefined;
       let journalSize: number;
       try {
@@ -1352,34 +1401,34 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
         return { deleted: [...doomed], bytesFreed: Math.max(0, journalSize - size) + stepBytes };
       }
 
-      await removeUnfinishedCompactions(index.dir);
-      const before = await folderBytes(index.dir);
+      await removeUnfinishedCompactions(this.fs, index.dir);
+      const before = await folderBytes(this.fs, index.dir);
       if (!index.writer && journalSize > index.validEnd) {
         // A torn tail is left out of the new journal; its bytes are kept aside, as a writer would.
         const tail = Buffer.alloc(journalSize - index.validEnd);
-        const h = await open(index.file, "r");
+        const h = await this.fs.open(index.file, "r");
         try {
           await h.read(tail, 0, tail.length, index.validEnd);
         } finally {
           await h.close();
         }
-        await writeFile(`${index.file}.cut-${index.validEnd}`, tail);
+        await this.fs.writeFile(`${index.file}.cut-${index.validEnd}`, tail);
       }
       const tmp = join(index.dir, `${COMPACTING}${this.saverId}-${(this.tmpCount += 1)}`);
-      await writeJournal(tmp, records);
+      await writeJournal(this.fs, tmp, records);
       try {
         await this.checkStillWriter(index);
         // The commit point: once renamed (and the folder fsynced), readers find only the new journal.
-        await rename(tmp, index.file);
+        await this.fs.rename(tmp, index.file);
       } catch (error) {
-        await unlink(tmp).catch(() => {});
+        await this.fs.unlink(tmp).catch(() => {});
         throw error;
       }
-      await fsyncDir(index.dir);
+      await fsyncDir(index.dir, this.fs);
       await this.reopen(index);
       // The readable view of removed checkpoints goes too (after the commit: a crash may leave some).
-      for (const f of stepFiles) await unlink(join(index.dir, f.name)).catch(() => {});
-      const after = await folderBytes(index.dir);
+      for (const f of stepFiles) await this.fs.unlink(join(index.dir, f.name)).catch(() => {});
+      const after = await folderBytes(this.fs, index.dir);
       return { deleted: [...doomed], bytesFreed: Math.max(0, before - after) };
     } finally {
       if (tookLock) await this.releaseLock(index);
@@ -1460,7 +1509,26 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     } satisfies Partial<ThreadIndex>);
     await this.refresh(index);
     // On failure the next write opens the writer again (the lock is still this saver's).
-    if (wasWriter) index.writer = await this.openWriter(index, index.myGen ?? index.gen);
+    if (wasWriter) await this.openWriter(index, index.myGen ?? index.gen);
+  }
+
+  /**
+   * Open the thread's journal for appending (under its lock), as generation `gen`. A torn tail is cut; a
+   * trailing `end` record (the journal was closed cleanly) is taken off: from here on the journal is being
+   * written, and a crash may tear the next write, which must then read as a torn tail, not as damage after
+   * a clean close. The `end` record holds nothing else, so a crash before or after its removal loses nothing.
+   */
+  private async openWriter(index: ThreadIndex, gen: number): Promise<void> {
+    const cleanEnd = index.validEnd === index.endAt ? undefined : index.endAt;
+    index.writer = await JournalWriter.open(this.fs, index.file, index.validEnd, () => this.checkStillWriter(index), index.thread, cleanEnd, gen, () => {
+      clearInterval(index.heartbeat);
+      return lostLock(index.thread, join(index.dir, LOCK), { file: index.file });
+    });
+    if (cleanEnd !== undefined) {
+      index.validEnd = cleanEnd;
+      index.endAt = undefined;
+      index.lastKind = "cp";
+    }
   }
 
   /** The readable step files of these checkpoints (named by their order; each names its checkpoint). */
@@ -1468,11 +1536,11 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     const roots = index.checkpoints.get("")!;
     const orders = new Set([...ids].map((id) => roots.get(id)!.order));
     const out: { name: string; size: number }[] = [];
-    for (const name of await readdir(index.dir).catch(() => [] as string[])) {
+    for (const name of await this.fs.readdir(index.dir).catch(() => [] as string[])) {
       const m = /^(\d+)-.*\.json$/.exec(name);
       if (!m || !orders.has(Number(m[1]))) continue;
       const path = join(index.dir, name);
-      const handle = await open(path, "r").catch(() => undefined);
+      const handle = await this.fs.open(path, "r").catch(() => undefined);
       if (!handle) continue;
       try {
         const head = Buffer.alloc(4096);
@@ -1523,11 +1591,20 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     const name = stepFileName(index.rootCount, step);
     const tmp = join(index.dir, `.${name}.${this.saverId}-${(this.tmpCount += 1)}.tmp`);
     try {
-      await writeFile(tmp, JSON.stringify(body, jsonForView, 2) + "\n");
-      await rename(tmp, join(index.dir, name));
-    } catch {
-      // The checkpoint is already saved; a missing view is not worth failing the step for.
-      await unlink(tmp).catch(() => {});
+      await this.fs.writeFile(tmp, JSON.stringify(body, jsonForView, 2) + "\n");
+      await this.fs.rename(tmp, join(index.dir, name));
+    } catch (error) {
+      await this.fs.unlink(tmp).catch(() => {});
+      // The checkpoint is already saved; a missing view is not worth failing the step for, but a full
+      // or failing disk is: the next step's checkpoint could not be saved either, so stop before it runs.
+      if (isStorageFailure(error)) {
+        throw storageError(error, {
+          file: join(index.dir, name),
+          thread: index.thread,
+          what: `writing the readable step file of checkpoint ${checkpoint.id}`,
+          intact: `the checkpoint itself is saved (only its readable view is missing)`,
+        });
+      }
     }
   }
 
@@ -1575,6 +1652,7 @@ function emptyIndexState() {
     validEnd: 0,
     rootCount: 0,
     lastKind: undefined,
+    endAt: undefined,
     checkpoints: new Map(),
     sorted: new Map(),
     blobs: new Map(),
@@ -1627,13 +1705,13 @@ function newerFormat(file: string, version: number): CairnError {
 }
 
 /** The id in a journal's header record ("" for a header without one, undefined if none is complete yet). */
-async function headerId(handle: FileHandle, size: number): Promise<string | undefined> {
+async function headerId(handle: StoreFileHandle, size: number): Promise<string | undefined> {
   const record = await readHeader(handle, size);
   return record ? (record.id ?? "") : undefined;
 }
 
 /** A journal's header record, if a complete one starts the file. */
-async function readHeader(handle: FileHandle, size: number): Promise<HeaderRecord | undefined> {
+async function readHeader(handle: StoreFileHandle, size: number): Promise<HeaderRecord | undefined> {
   const head = Buffer.alloc(Math.min(size, 4096));
   await handle.read(head, 0, head.length, 0);
   const nl = head.indexOf(0x0a);
@@ -1645,8 +1723,8 @@ async function readHeader(handle: FileHandle, size: number): Promise<HeaderRecor
 }
 
 /** Whether a journal starts with a complete, intact header record. */
-async function hasHeader(file: string): Promise<boolean> {
-  const text = await readFile(file, "utf8").catch(() => "");
+async function hasHeader(fs: StoreFs, file: string): Promise<boolean> {
+  const text = (await fs.readFile(file).catch(() => Buffer.alloc(0))).toString("utf8");
   const nl = text.indexOf("\n");
   if (nl === -1) return false;
   const line = decodeLine(text.slice(0, nl));
@@ -1668,16 +1746,17 @@ function lockedBy(thread: string, lock: string, holder: LockHolder): CairnError 
  * everything in it is committed, so a bad line followed by a good one is reported as damage, never
  * taken for a torn tail.
  */
-async function writeJournal(file: string, records: AsyncIterable<string>): Promise<void> {
-  const handle = await open(file, "wx");
+async function writeJournal(fs: StoreFs, file: string, records: AsyncIterable<string>): Promise<void> {
+  const handle = await fs.open(file, "wx");
   try {
     let offset = 0;
     let chunk: Buffer[] = [];
     let chunkBytes = 0;
+    let at = 0;
     const flush = async () => {
       const all = Buffer.concat(chunk);
-      let written = 0;
-      while (written < all.length) written += (await handle.write(all, written, all.length - written)).bytesWritten;
+      await writeAll(handle, all, at);
+      at += all.length;
       chunk = [];
       chunkBytes = 0;
     };
@@ -1693,7 +1772,7 @@ async function writeJournal(file: string, records: AsyncIterable<string>): Promi
     await handle.sync();
   } catch (error) {
     await handle.close().catch(() => {});
-    await unlink(file).catch(() => {});
+    await fs.unlink(file).catch(() => {});
     throw error;
   }
   await handle.close();
@@ -1704,40 +1783,65 @@ async function* withGenerations(records: AsyncIterable<string>, gen: number): As
 }
 
 /** Remove what a compaction cut short by a crash left: a journal never renamed into place. */
-async function removeUnfinishedCompactions(dir: string): Promise<void> {
-  const names = await readdir(dir).catch(() => [] as string[]);
-  for (const name of names) if (name.startsWith(COMPACTING)) await unlink(join(dir, name)).catch(() => {});
+async function removeUnfinishedCompactions(fs: StoreFs, dir: string): Promise<void> {
+  const names = await fs.readdir(dir).catch(() => [] as string[]);
+  for (const name of names) if (name.startsWith(COMPACTING)) await fs.unlink(join(dir, name)).catch(() => {});
+}
+
+/**
+ * What an interrupted writer of a thread can leave in its folder, besides the journal: each is never
+ * read, and the next writer (holding the lock) removes those that are not its own.
+ * - `journal.log.compact-…`: a compaction never renamed into place;
+ * - `journal.log.unfinished-…`: a journal whose creation was cut short (it holds no complete record);
+ * - `.writer.lock.<saver>`: a lock being taken (written, then linked as `writer.lock`);
+ * - `writer.lock.stale-<saver>`: a dead holder's lock being moved aside;
+ * - `.NNNN-<step>.json.<saver>.tmp`: a step file being written.
+ * `journal.log.cut-<offset>` (bytes of a torn write cut off the journal) are kept for inspection.
+ */
+export function isThreadLeftover(name: string): boolean {
+  return (
+    name.startsWith(COMPACTING) ||
+    name.startsWith(`${JOURNAL}.unfinished-`) ||
+    name.startsWith(`.${LOCK}.`) ||
+    name.startsWith(`${LOCK}.stale-`) ||
+    /^\..*\.tmp$/.test(name)
+  );
+}
+
+/** Remove a thread folder's leftovers (see isThreadLeftover) that this saver did not make. */
+async function removeLeftovers(fs: StoreFs, dir: string, saverId: string): Promise<void> {
+  const names = await fs.readdir(dir).catch(() => [] as string[]);
+  for (const name of names) {
+    // An unfinished journal is never anyone's to finish: its creator found the new journal in place.
+    if (!isThreadLeftover(name) || (name.includes(saverId) && !name.startsWith(`${JOURNAL}.unfinished-`))) continue;
+    await fs.unlink(join(dir, name)).catch(() => {});
+  }
 }
 
 /** Bytes of the files in a folder (not below it); 0 for a folder that does not exist. */
-async function folderBytes(dir: string): Promise<number> {
-  let entries;
+async function folderBytes(fs: StoreFs, dir: string): Promise<number> {
+  let names;
   try {
-    entries = await readdir(dir, { withFileTypes: true });
+    names = await fs.readdir(dir);
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code === "ENOENT") return 0;
     throw error;
   }
   let total = 0;
-  for (const e of entries) {
-    if (!e.isFile()) continue;
-    total += (await stat(join(dir, e.name)).catch(() => undefined))?.size ?? 0;
+  for (const name of names) {
+    const s = await fs.stat(join(dir, name)).catch(() => undefined);
+    if (s?.isFile()) total += s.size;
   }
   return total;
 }
 
 /** The lock's holder; "garbled" for a lock file that is not one cairn wrote whole (taken over as stale). */
-async function readLock(file: string): Promise<LockHolder | "missing" | "garbled"> {
+async function readLock(fs: StoreFs, file: string): Promise<LockHolder | "missing" | "garbled"> {
   let text: string;
   let mtime: number;
   try {
-    const handle = await open(file, "r");
-    try {
-      text = await handle.readFile("utf8");
-      mtime = (await handle.stat()).mtimeMs;
-    } finally {
-      await handle.close();
-    }
+    text = (await fs.readFile(file)).toString("utf8");
+    mtime = (await fs.stat(file)).mtime.getTime();
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code === "ENOENT") return "missing";
     throw error;

@@ -1,7 +1,7 @@
-import { constants } from "node:fs";
-import { open, writeFile, type FileHandle } from "node:fs/promises";
 import { crc32 } from "node:zlib";
 import { CairnError } from "../errors.ts";
+import { writeAll, type StoreFileHandle, type StoreFs } from "./fs.ts";
+import { storageError } from "./io-errors.ts";
 
 /**
  * One thread's append-only journal: a text file of records, one per line,
@@ -158,12 +158,15 @@ export class JournalWriter {
   private queue: { json: string; resolve: (loc: RecordLocation) => void; reject: (e: unknown) => void }[] = [];
   private flushing = false;
   private failed: unknown;
+  /** Where the failure was: a write (nothing acknowledged was touched) or an fdatasync (nothing is known). */
+  private failedIn?: "write" | "sync";
 
   private constructor(
     readonly file: string,
-    private readonly handle: FileHandle,
+    private readonly handle: StoreFileHandle,
     private end: number,
     private readonly guard: () => Promise<void>,
+    private readonly thread: string | undefined,
     /** This writer's generation, carried by every record it appends (see file.ts, "generations"). */
     readonly gen: number,
     private readonly superseded: (gen: number) => unknown,
@@ -175,33 +178,47 @@ export class JournalWriter {
    * bytes are kept beside the journal as `journal.log.cut-<offset>` for inspection. `guard` runs before
    * every batch and throws if this writer may no longer write (it lost its lock).
    *
+   * `cleanEnd`: where the journal's trailing clean-close record starts; the writer appends from there
+   * (the record is truncated off, durably, and not kept: it holds nothing but the mark).
+   *
    * Appends use O_APPEND, never a position: a writer that lost its lock while paused can only add bytes
    * after the new holder's, never overwrite them, and those bytes carry its older generation, which
    * readers ignore. After each batch the writer looks at any bytes another process appended around it;
    * a generation newer than its own among them means it lost the thread: `superseded` gives the error.
    */
   static async open(
+    fs: StoreFs,
     file: string,
     validEnd: number,
     guard: () => Promise<void> = async () => {},
+    thread?: string,
+    cleanEnd?: number,
     gen = 0,
     superseded: (gen: number) => unknown = (g) => new Error(`superseded by generation ${g}`),
   ): Promise<JournalWriter> {
-    const handle = await open(file, constants.O_RDWR | constants.O_APPEND);
+    const handle = await fs.open(file, "a+");
+    let syncing = false;
+    let end = validEnd;
     try {
       const { size } = await handle.stat();
       if (size > validEnd) {
         const cut = Buffer.alloc(size - validEnd);
         await handle.read(cut, 0, cut.length, validEnd);
-        await writeFile(`${file}.cut-${validEnd}`, cut);
+        await fs.writeFile(`${file}.cut-${validEnd}`, cut);
         await handle.truncate(validEnd);
+        syncing = true;
         await handle.datasync();
+      } else if (cleanEnd !== undefined && cleanEnd < validEnd && size === validEnd) {
+        await handle.truncate(cleanEnd);
+        syncing = true;
+        await handle.datasync();
+        end = cleanEnd;
       }
     } catch (error) {
-      await handle.close();
-      throw error;
+      await handle.close().catch(() => {});
+      throw storageError(error, { file, thread, what: "cutting off the unfinished last write of the journal", synced: syncing });
     }
-    return new JournalWriter(file, handle, validEnd, guard, gen, superseded);
+    return new JournalWriter(file, handle, end, guard, thread, gen, superseded);
   }
 
   get size(): number {
@@ -211,6 +228,15 @@ export class JournalWriter {
   /** Whether a write failed: this writer then refuses every further append. */
   get broken(): boolean {
     return this.failed !== undefined;
+  }
+
+  /**
+   * Whether a new writer may take over after this one failed: only when a write failed (a full disk), so
+   * the bytes on disk are what a fresh scan reads and a torn tail is cut. Never after a failed fdatasync,
+   * nor after this process lost the thread's lock.
+   */
+  get reopenable(): boolean {
+    return this.failed !== undefined && this.failedIn === "write" && !(this.failed instanceof CairnError);
   }
 
   append(json: string): Promise<RecordLocation> {
@@ -223,6 +249,14 @@ export class JournalWriter {
 
   private failedError(): CairnError {
     if (this.failed instanceof CairnError) return this.failed;
+    const wrapped = storageError(this.failed, {
+      file: this.file,
+      thread: this.thread,
+      what: "saving a checkpoint record",
+      synced: this.failedIn === "sync",
+      intact: "the checkpoint saved before it is intact (a part of this record left on disk is cut off when the thread is next written)",
+    });
+    if (wrapped instanceof CairnError) return wrapped;
     return new CairnError(
       "STORE_UNAVAILABLE",
       `An earlier write to ${this.file} failed (${(this.failed as Error)?.message ?? this.failed}), so this process writes no further checkpoint to it: ` +
@@ -241,14 +275,13 @@ export class JournalWriter {
       const all = buffers.length === 1 ? buffers[0]! : Buffer.concat(buffers);
       let at = start;
       let lostAfter: unknown;
+      let stage: "write" | "sync" = "write";
       try {
         await this.guard();
-        let written = 0;
-        while (written < all.length) {
-          const { bytesWritten } = await this.handle.write(all, written, all.length - written, null);
-          written += bytesWritten;
-        }
+        // No position: the file is open with O_APPEND (see `open`).
+        await writeAll(this.handle, all);
         // The commit point: until fdatasync returns, none of these records may be reported as saved.
+        stage = "sync";
         await this.handle.datasync();
         const { size } = await this.handle.stat();
         if (size !== start + all.length) {
@@ -273,6 +306,7 @@ export class JournalWriter {
         this.end = size;
       } catch (error) {
         this.failed = error;
+        this.failedIn = stage;
         for (const b of batch) b.reject(this.failedError());
         for (const b of this.queue.splice(0)) b.reject(this.failedError());
         break;
@@ -322,10 +356,10 @@ export function withGen(json: string, gen: number): string {
 }
 
 /** Create a new journal holding one first record; fails with EEXIST if the file is already there. */
-export async function createJournal(file: string, json: string): Promise<void> {
-  const handle = await open(file, "wx");
+export async function createJournal(fs: StoreFs, file: string, json: string): Promise<void> {
+  const handle = await fs.open(file, "wx");
   try {
-    await handle.write(encodeLine(json, 0));
+    await writeAll(handle, Buffer.from(encodeLine(json, 0), "utf8"), 0);
     await handle.datasync();
   } finally {
     await handle.close();
@@ -333,7 +367,7 @@ export async function createJournal(file: string, json: string): Promise<void> {
 }
 
 /** Read one record back, verifying its checksum. */
-export async function readRecord<T>(handle: FileHandle, file: string, loc: RecordLocation): Promise<T> {
+export async function readRecord<T>(handle: StoreFileHandle, file: string, loc: RecordLocation): Promise<T> {
   const buf = Buffer.alloc(loc.length);
   await handle.read(buf, 0, loc.length, loc.offset);
   const line = buf[loc.length - 1] === NEWLINE ? decodeLineBytes(buf, 0, loc.length - 1) : undefined;

@@ -1,6 +1,7 @@
 import { mkdir } from "node:fs/promises";
 import { uniqueVersion } from "./versions.ts";
 import { CairnSerializer } from "./serde.ts";
+import type { StoreFs } from "./fs.ts";
 import { dirname, resolve } from "node:path";
 import type { BaseCheckpointSaver, ChannelVersions, PendingWrite } from "@langchain/langgraph-checkpoint";
 import type { RunnableConfig } from "@langchain/core/runnables";
@@ -202,13 +203,17 @@ function describeError(error: unknown): string {
 // -------------------------------------------------------------------------------------------------
 // file:
 
-function openFile(dir: string): OpenedStore {
-  const saver = new FileCheckpointSaver({ dir });
+/**
+ * The file store over `dir`. `fs` is for cairn's own crash and disk-full tests only: the file operations
+ * the saver and its artifact store use (see fs.ts); not exported from the package.
+ */
+export function openFile(dir: string, fs?: StoreFs): OpenedStore {
+  const saver = new FileCheckpointSaver({ dir }, { fs });
   return {
     kind: "file",
     uri: `file:${dir}`,
     saver,
-    artifacts: new FileArtifactStore(dir),
+    artifacts: new FileArtifactStore(dir, fs),
     listThreadIds: () => saver.listThreadIds(),
     deleteCheckpoints: (thread, ids, options) => saver.deleteCheckpoints(thread, ids, options),
     threadBytes: (thread) => saver.threadBytes(thread),

@@ -962,7 +962,7 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     let floor = 0;
     for (let attempt = 0; attempt < 5; attempt += 1) {
       const gen = Math.max(floor, index.maxGen) + 1;
-      const mine: LockHolder = { pid: process.pid, host: hostname(), since: new Date().toISOString(), saver: this.saverId, gen, lease: this.leaseMs };
+      const mine: LockHolder = { pid: this.pid, host: hostname(), since: new Date().toISOString(), saver: this.saverId, gen, lease: this.leaseMs };
       const tmp = join(index.dir, `.${LOCK}.${this.saverId}`);
       await this.fs.writeFile(tmp, JSON.stringify(mine) + "\n");
       try {

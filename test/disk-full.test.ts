@@ -150,7 +150,7 @@ describe("disk full and I/O errors, through the fault layer", () => {
   });
 
   it("a failed fdatasync stops the run with STORE_IO_FAILED, and the writer refuses every later append in that process", async () => {
-    const { error, runs, ffs, saver, dir, store } = await failThenResume("fsync-eio", { match: (b) => b.op === "datasync" && b.path.endsWith("journal.log"), after: 3, code: "EIO" });
+    const { error, runs, ffs, saver, dir, store } = await failThenResume("fsync-eio", { match: (b) => b.op === "datasync" && b.path.endsWith("journal.log"), after: 4, code: "EIO" });
     const e = findCode(error, "STORE_IO_FAILED");
     expect(e.message).toMatch(/The fsync of .*journal\.log failed \(EIO\)/);
     expect(e.message).toContain("writes nothing more to the file");
@@ -267,5 +267,6 @@ describe("disk full on a real 2 MB tmpfs, through the CLI", () => {
     const ref = await cairn(cwd, ["run", "test/fixtures/crash-graph.ts", "--thread", "full", "--store", refStore, "--input", input, "--json"]);
     expect(ref.code).toBe(0);
     expect(JSON.parse(resumed.stdout)).toEqual(JSON.parse(ref.stdout));
-  });
+    // Three cairn processes on a machine shared with the rest of the suite: a budget, not a speed check.
+  }, 240_000);
 });

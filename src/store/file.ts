@@ -634,8 +634,16 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
   async releaseThread(threadId: string): Promise<void> {
     const pending = this.indexes.get(threadId);
     if (!pending) return;
-    this.indexes.delete(threadId);
     const index = await pending.catch(() => undefined);
+    if (index?.writer?.broken && !index.writer.reopenable) {
+      // A failed fdatasync: this process never writes the thread again (see JournalWriter.reopenable), so
+      // the broken writer stays in place to refuse every later write; only the lock is given up.
+      await this.gate(threadId).exclusive(async () => {
+        if (index.locked) await this.releaseLock(index);
+      });
+      return;
+    }
+    if (this.indexes.get(threadId) === pending) this.indexes.delete(threadId);
     if (index) await this.closeIndex(index);
   }
 

@@ -171,7 +171,7 @@ describe("damage to a file store journal", () => {
         expect(history).not.toContain(skipped);
         const report = await verifyStore(s);
         expect(report.problems).toEqual([]);
-        expect(report.notes.some((n) => n.includes(`byte ${offset}`) && n.includes("set aside"))).toBe(true);
+        expect(report.notes.some((n) => n.includes(`byte ${offset}`) && n.includes("set aside")), report.notes.join("\n")).toBe(true);
       });
       expect((await cairn(cwd, ["verify", "t", "--store", storeOf(cwd)])).code).toBe(0);
     });

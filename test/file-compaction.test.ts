@@ -120,8 +120,9 @@ describe("file store compaction", () => {
   it("refuses a thread another writer holds, and changes nothing", async () => {
     const dir = await tempDir();
     const holder = await storeOn(dir);
-    // The run leaves its store open: it still holds the thread's writer lock.
+    // A run gives the lock up when it ends; the holder takes it again, as a notebook or a retention pass would.
     await run(growing, { store: holder, thread: "t", input: { rounds: 3 } });
+    await holder.lockThread("t");
     const other = await storeOn(dir);
     const history = await readHistory(other.saver, "t");
     const bytes = await readFile(journalOf(dir, "t"));

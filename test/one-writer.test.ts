@@ -54,7 +54,9 @@ async function setup(uri: (dir: string) => string) {
   await mkdir(gate);
   const log = join(dir, "exec.log");
   const store = uri(dir);
-  const env = { GATE_LOG: log };
+  // A lease far longer than any of these tests: a lock is lost here only through the kill or
+  // `unlock --force` each test makes, never because a loaded machine let the paused holder's lease run out.
+  const env = { GATE_LOG: log, CAIRN_LEASE_MS: "600000" };
   const runs = () => readFileSync(log, "utf8").trim().split("\n");
   return { dir, gate, log, store, env, runs };
 }

@@ -1527,7 +1527,9 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
    * a clean close. The `end` record holds nothing else, so a crash before or after its removal loses nothing.
    */
   private async openWriter(index: ThreadIndex, gen: number): Promise<void> {
-    const cleanEnd = index.validEnd === index.endAt ? undefined : index.endAt;
+    // With damage in the journal the `end` record stays: taken off, the damaged line before it would sit
+    // right before this writer's `gen` record and read as a stopped writer's unfinished write.
+    const cleanEnd = index.validEnd === index.endAt || index.damage.size > 0 ? undefined : index.endAt;
     index.writer = await JournalWriter.open(this.fs, index.file, index.validEnd, () => this.checkStillWriter(index), index.thread, cleanEnd, gen, () => {
       clearInterval(index.heartbeat);
       return lostLock(index.thread, join(index.dir, LOCK), { file: index.file });

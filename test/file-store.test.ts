@@ -1,6 +1,6 @@
 import { spawnSync } from "node:child_process";
 import { expectCode, rejection } from "./helpers/errors.ts";
-import { mkdir, mkdtemp, readdir, readFile, rm, stat, truncate, writeFile } from "node:fs/promises";
+import { appendFile, mkdir, mkdtemp, readdir, readFile, rm, stat, truncate, writeFile } from "node:fs/promises";
 import { hostname, tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { crc32 } from "node:zlib";
@@ -764,5 +764,36 @@ describe("FileCheckpointSaver: what a clean close, a delete and a lost lock mean
     expect(p).toBeDefined();
     const reopened = saverOn(dir, { serde: pretty });
     expect(await idsOf(reopened, "t")).toHaveLength(2);
+  });
+});
+
+describe("the generation fence: a paused holder's late write", () => {
+  it("a record of an older writer generation that lands after another writer took the thread over is never read", async () => {
+    const dir = await tempStore();
+    const a = saverOn(dir);
+    const [first, late] = await putChain(a, "t", 2, { label: "A" });
+    await a.close();
+    // A's second record stands for the write a paused holder had not made yet: taken out of the journal
+    // now, appended again once another writer has taken the thread over.
+    const file = journalOf(dir, "t");
+    const bytes = await readFile(file);
+    const line = (await journalLines(file)).find((l) => l.record.k === "cp" && l.record.id === late!.id)!;
+    const lateBytes = Buffer.from(bytes.subarray(line.offset, line.offset + line.length));
+    await writeFile(file, Buffer.concat([bytes.subarray(0, line.offset), bytes.subarray(line.offset + line.length)]));
+
+    const b = saverOn(dir);
+    const [second] = await putChain(b, "t", 1, { after: first, label: "B" });
+    await appendFile(file, lateBytes);
+
+    const reader = saverOn(dir);
+    expect((await latestOf(reader, "t"))!.checkpoint.id).toBe(second!.id);
+    expect(await idsOf(reader, "t")).toEqual([first!.id, second!.id].sort());
+    expect(await reader.getTuple(config("t", late!.id))).toBeUndefined();
+
+    // The new holder writes on past it, and a fresh reader sees only its history.
+    const [third] = await putChain(b, "t", 1, { after: second, label: "B" });
+    const again = saverOn(dir);
+    expect((await latestOf(again, "t"))!.checkpoint.channel_values).toEqual(third!.values);
+    expect(await idsOf(again, "t")).toEqual([first!.id, second!.id, third!.id].sort());
   });
 });

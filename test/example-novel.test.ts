@@ -90,9 +90,12 @@ async function committed(thread: string): Promise<Set<string> | undefined> {
 
 /** Send the child `signal` `ms` after `key` appears in its part of the execution log (from byte `offset`). */
 function signalAfter(child: ChildProcess, log: string, offset: number, key: string, ms: number, signal: NodeJS.Signals = "SIGKILL"): void {
+  // Reads of the log overlap (one every 5 ms): the first that sees the key arms the signal, once.
+  let armed = false;
   const watch = setInterval(() => {
     void keysIn(log, offset).then((keys) => {
-      if (!keys.includes(key) || child.exitCode !== null) return;
+      if (armed || !keys.includes(key) || child.exitCode !== null) return;
+      armed = true;
       clearInterval(watch);
       setTimeout(() => child.kill(signal), ms);
     });

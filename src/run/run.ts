@@ -274,25 +274,13 @@ export async function resume<T extends RunTarget>(target: T, options: ResumeOpti
  */
 async function asWriter<T>(store: OpenedStore, thread: string, body: () => Promise<T>): Promise<T> {
   await store.lockThread(thread);
-  let lost = false;
   try {
     return await body();
-  } catch (error) {
-    lost = lostTheLock(error);
-    throw error;
   } finally {
-    // A run that lost the lock keeps its (lost) hold until the store closes: a write LangGraph still had
-    // under way then meets the fence and is refused, where after a release it would find no holder at all.
-    if (!lost) await store.releaseThread(thread).catch(() => {});
+    // Also after losing the lock: a write still under way is checked against the lock it started
+    // under (LeaseTable.write), and a release removes only this process's own lease.
+    await store.releaseThread(thread).catch(() => {});
   }
-}
-
-/** Whether `error` (or one of its causes) says this process lost the thread's writer lock. */
-function lostTheLock(error: unknown): boolean {
-  for (let e: unknown = error, depth = 0; e !== undefined && e !== null && depth < 8; e = (e as { cause?: unknown }).cause, depth += 1) {
-    if (isCairnError(e, "THREAD_LOCKED") && (e.details as { lost?: unknown } | undefined)?.lost === true) return true;
-  }
-  return false;
 }
 
 /**

@@ -927,7 +927,10 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
       const opened = index;
       opened.opening ??= (async () => {
         await this.ensureMarker();
-        await this.acquireLock(opened);
+        // A lock taken earlier (lockThread) must still be this saver's: one broken or taken over since
+        // is lost, never silently replaced by a new one (a write started under it is refused).
+        if (opened.locked) await this.checkStillWriter(opened);
+        else await this.acquireLock(opened);
         try {
           // What an interrupted writer left (an unfinished compaction, lock or step file): never read, removed here.
           await removeLeftovers(this.fs, opened.dir, this.saverId);
@@ -1372,6 +1375,8 @@ export class FileCheckpointSaver extends BaseCheckpointSaver {
     } else if (!index.locked) {
       await this.acquireLock(index);
       tookLock = true;
+    } else {
+      await this.checkStillWriter(index);
     }
     try {
       // This saver's writer knows every record it appended; otherwise read what others committed, under the lock.

@@ -1,3 +1,4 @@
+import { AsyncLocalStorage } from "node:async_hooks";
 import { randomUUID } from "node:crypto";
 import { hostname } from "node:os";
 import { CairnError } from "../errors.ts";
@@ -84,8 +85,19 @@ export interface LeaseTable {
   breakLock(thread: string, force: boolean): Promise<LockHolder | undefined>;
   /** Refuse (THREAD_LOCKED) when another process holds a live lock of the thread. */
   refuseIfHeld(thread: string): Promise<void>;
-  /** The token this process holds for the thread, if any (the fence a write checks). */
+  /** The token this process holds for the thread, if any. */
   tokenOf(thread: string): string | undefined;
+  /**
+   * Run one checkpoint or task write of the thread, fenced by the lock this process holds as the write
+   * starts. The token is taken now, not when the write reaches its commit: LangGraph has a step's task
+   * writes and its checkpoint under way at once, so when one of them is refused the run ends and its
+   * lock is released while the other is still on its way, and that one must still be checked against
+   * the lock it was started under, not find no lock held and pass as a write by a process that never
+   * held one.
+   */
+  write<R>(thread: string, fn: () => R): R;
+  /** The write under way in this async context (see `write`): its thread and the token it started under. */
+  currentWrite(): { thread: string; token: string | undefined } | undefined;
   /** Release this process's lock of the thread, if it holds it. */
   release(thread: string): Promise<void>;
   /** Release every lock this process holds. */
@@ -113,6 +125,7 @@ export interface LeaseBackend {
 
 export function leaseTable(backend: LeaseBackend): LeaseTable {
   const held = new Map<string, HeldLock>();
+  const writes = new AsyncLocalStorage<{ thread: string; token: string | undefined }>();
   const holderOf = (row: LeaseRow): LockHolder => ({ pid: Number(row.pid), host: row.host, since: row.since, expires: row.expires });
   const expiresFromNow = () => new Date(Date.now() + leaseMs()).toISOString();
 
@@ -161,6 +174,8 @@ export function leaseTable(backend: LeaseBackend): LeaseTable {
       if (!isStale(h)) throw threadLocked(thread, h, backend.where);
     },
     tokenOf: (thread) => held.get(thread)?.token,
+    write: (thread, fn) => writes.run({ thread, token: held.get(thread)?.token }, fn),
+    currentWrite: () => writes.getStore(),
     async release(thread) {
       const lock = held.get(thread);
       if (!lock) return;

@@ -9,7 +9,6 @@ import { CairnError } from "../errors.ts";
 import { FileArtifactStore, PostgresArtifactStore, SqliteArtifactStore, type ArtifactStore } from "./artifacts.ts";
 import { FileCheckpointSaver, type DeletedCheckpoints } from "./file.ts";
 import { postgresMaintenance, sqliteMaintenance } from "./maintenance.ts";
-import { AsyncLocalStorage } from "node:async_hooks";
 import { fenceVerdict, leaseMs, leaseTable, lostLock, type LeaseRow, type LeaseTable, type LockHolder } from "./lease.ts";
 
 /** The backends a store URI can name. */
@@ -249,6 +248,16 @@ async function openSqlite(path: string): Promise<OpenedStore> {
       this.db.pragma("synchronous = FULL");
     }
 
+    override put(...args: Parameters<InstanceType<typeof SqliteSaver>["put"]>): ReturnType<InstanceType<typeof SqliteSaver>["put"]> {
+      const thread = String(args[0].configurable?.thread_id);
+      return this.leases ? this.leases.write(thread, () => super.put(...args)) : super.put(...args);
+    }
+
+    override putWrites(config: RunnableConfig, writes: PendingWrite[], taskId: string): Promise<void> {
+      const thread = String(config.configurable?.thread_id);
+      return this.leases ? this.leases.write(thread, () => super.putWrites(config, writes, taskId)) : super.putWrites(config, writes, taskId);
+    }
+
     override async deleteThread(threadId: string): Promise<void> {
       await this.leases?.refuseIfHeld(threadId);
       return super.deleteThread(threadId);
@@ -337,7 +346,9 @@ function fencedSqlite<T extends object>(db: T & SqliteHandle, where: string, lea
   const read = db.prepare("SELECT token, pid, host, since, expires FROM cairn_leases WHERE thread_id = ?");
   const touch = db.prepare("UPDATE cairn_leases SET expires = ? WHERE thread_id = ? AND token = ?");
   const fence = (thread: string) => {
-    const token = leases.tokenOf(thread);
+    // The lock held when the saver's put or putWrites was called (see LeaseTable.write).
+    const write = leases.currentWrite();
+    const token = write?.thread === thread ? write.token : leases.tokenOf(thread);
     if (token !== undefined) {
       if (Number(touch.run(new Date(Date.now() + leaseMs()).toISOString(), thread, token).changes) === 0) throw lostLock(thread, where);
       return;
@@ -396,8 +407,6 @@ async function openPostgres(target: Extract<StoreTarget, { kind: "postgres" }>):
   const advice = "Check that the Postgres server is running and reachable, and that the URI's user, password, host, port and database are right.";
   const [{ PostgresSaver }, { default: pg }] = await Promise.all([import("@langchain/langgraph-checkpoint-postgres"), import("pg")]);
 
-  // The thread a checkpoint write is for, while PostgresSaver runs its transaction (see fencedPool).
-  const writing = new AsyncLocalStorage<{ thread: string }>();
   let leases: LeaseTable | undefined;
 
   class ForkSafePostgresSaver extends PostgresSaver {
@@ -408,11 +417,11 @@ async function openPostgres(target: Extract<StoreTarget, { kind: "postgres" }>):
     }
 
     override put(...args: Parameters<BaseCheckpointSaver["put"]>): ReturnType<BaseCheckpointSaver["put"]> {
-      return writing.run({ thread: String(args[0].configurable?.thread_id) }, () => super.put(...args));
+      return leases!.write(String(args[0].configurable?.thread_id), () => super.put(...args));
     }
 
     override putWrites(config: RunnableConfig, writes: PendingWrite[], taskId: string): Promise<void> {
-      return writing.run({ thread: String(config.configurable?.thread_id) }, () => super.putWrites(config, writes, taskId));
+      return leases!.write(String(config.configurable?.thread_id), () => super.putWrites(config, writes, taskId));
     }
 
     override async deleteThread(threadId: string): Promise<void> {
@@ -428,7 +437,7 @@ async function openPostgres(target: Extract<StoreTarget, { kind: "postgres" }>):
   const table = `"${schema}".cairn_leases`;
   leases = postgresLeases(pool, table, display);
   const held = leases;
-  const saver = new ForkSafePostgresSaver(fencedPool(pool, table, display, held, writing) as unknown as typeof pool, new CairnSerializer(), { schema });
+  const saver = new ForkSafePostgresSaver(fencedPool(pool, table, display, held) as unknown as typeof pool, new CairnSerializer(), { schema });
   try {
     await saver.setup();
     await createPostgresLeases(pool, table);
@@ -543,9 +552,8 @@ function postgresLeases(pool: PgPool, table: string, where: string): LeaseTable 
  * no row carries its token any more the COMMIT is not sent, PostgresSaver rolls back, and the write fails
  * with THREAD_LOCKED. A process holding no lock may write unless another process holds a live one.
  */
-function fencedPool(pool: PgPool, table: string, where: string, leases: LeaseTable, writing: AsyncLocalStorage<{ thread: string }>): PgPool {
-  const fence = async (client: PgClient, thread: string) => {
-    const token = leases.tokenOf(thread);
+function fencedPool(pool: PgPool, table: string, where: string, leases: LeaseTable): PgPool {
+  const fence = async (client: PgClient, thread: string, token: string | undefined) => {
     if (token !== undefined) {
       const expires = new Date(Date.now() + leaseMs()).toISOString();
       const { rowCount } = await client.query(`UPDATE ${table} SET expires = $3 WHERE thread_id = $1 AND token = $2`, [thread, token, expires]);
@@ -565,8 +573,8 @@ function fencedPool(pool: PgPool, table: string, where: string, leases: LeaseTab
             get(c, p) {
               if (p === "query") {
                 return async (text: string, values?: unknown[]) => {
-                  const context = writing.getStore();
-                  if (text === "COMMIT" && context) await fence(c, context.thread);
+                  const write = leases.currentWrite();
+                  if (text === "COMMIT" && write) await fence(c, write.thread, write.token);
                   return c.query(text, values);
                 };
               }

@@ -17,6 +17,7 @@ import {
   type CheckpointMetadata,
   type CheckpointTuple,
   type PendingWrite,
+  uuid6,
 } from "@langchain/langgraph-checkpoint";
 import { nanoid } from "nanoid";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -693,6 +694,50 @@ export function behaviourSuite(name: string, makeStore: () => Promise<TestStore>
           expect((await stateAt(store.saver, store.uri, thread, { step: "s2" })).values).toEqual(AFTER_S2);
         } finally {
           await handle.close();
+        }
+      });
+    });
+
+    describe("one writer per thread", () => {
+      /** A checkpoint on top of the thread's latest, written straight through `saver.put`. */
+      async function putOnTop(on: OpenedStore, thread: string, label: string): Promise<{ id: string; put: Promise<RunnableConfig> }> {
+        const latest = await on.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
+        const id = uuid6(-3);
+        const checkpoint: Checkpoint = { ...latest!.checkpoint, id, ts: new Date().toISOString() };
+        const put = on.saver.put(latest!.config, checkpoint, { ...latest!.metadata, source: "update", step: 99, parents: {}, label } as CheckpointMetadata, {});
+        return { id, put };
+      }
+
+      it("refuses a write started under a lock that was taken over, even when the lock is released before the write commits", async () => {
+        // LangGraph has a step's task writes and its checkpoint under way at once: when the first is refused
+        // the run ends and gives up its lock while the second is still on its way. That one must still meet
+        // the lock it started under, not find no lock held at all and pass.
+        const { thread } = await completedFive(new Counter());
+        const other = await openStore(made.uri);
+        try {
+          await store.lockThread(thread);
+          // Another writer breaks the lock, writes, and finishes.
+          await other.unlockThread(thread, { force: true });
+          await other.lockThread(thread);
+          const theirs = await putOnTop(other, thread, "theirs");
+          await theirs.put;
+          await other.releaseThread(thread);
+
+          const ours = await putOnTop(store, thread, "ours");
+          const released = store.releaseThread(thread);
+          expectCode(await rejection(ours.put), "THREAD_LOCKED");
+          await released;
+
+          const latest = await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } });
+          expect(latest?.checkpoint.id).toBe(theirs.id);
+          const ids = (await history(thread)).map((e) => e.id);
+          expect(ids).not.toContain(ours.id);
+          // With no lock held by anyone now, a new write by this process goes through.
+          const after = await putOnTop(store, thread, "after");
+          await after.put;
+          expect((await store.saver.getTuple({ configurable: { thread_id: thread, checkpoint_ns: "" } }))?.checkpoint.id).toBe(after.id);
+        } finally {
+          await other.close();
         }
       });
     });
